@@ -1,0 +1,5 @@
+import sys
+
+from surgdino.cli import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+"""Command-line entry (to be implemented)."""
+
+
+def register(sub) -> None:
+    pass
