@@ -41,18 +41,21 @@ def ms_deform_attn_core(
         raise ValueError(f"spatial_shapes cover {sum(h * w for h, w in shapes)} positions, value has {S}")
     value_list = value.split([h * w for h, w in shapes], dim=1)
     grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
-    sampled = []
+    # [B, Q, nH, L, P] -> [B*nH, Q, L, P]
+    weights = attention_weights.transpose(1, 2).flatten(0, 1)
+    out = None
     for lvl, (h, w) in enumerate(shapes):
         # [B, H*W, nH, C] -> [B*nH, C, H, W]
         value_l = value_list[lvl].flatten(2).transpose(1, 2).reshape(B * nH, C, h, w)
         # [B, Q, nH, P, 2] -> [B*nH, Q, P, 2]
         grid_l = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
         # [B*nH, C, Q, P]
-        sampled.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False))
-    # [B, Q, nH, L, P] -> [B*nH, 1, Q, L*P]
-    weights = attention_weights.transpose(1, 2).reshape(B * nH, 1, Q, L * P)
-    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)  # [B*nH, C, Q]
-    return out.view(B, nH * C, Q).transpose(1, 2).contiguous()  # [B, Q, nH*C]
+        sampled = F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)
+        # weighted sum over points, accumulated over levels: [B*nH, C, Q]
+        part = torch.einsum("ncqp,nqp->ncq", sampled, weights[:, :, lvl])
+        out = part if out is None else out + part
+    # [B*nH, C, Q] -> [B, Q, nH*C]
+    return out.reshape(B, nH * C, Q).transpose(1, 2).contiguous()
 
 
 class MSDeformAttn(nn.Module):
