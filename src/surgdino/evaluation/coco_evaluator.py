@@ -1,0 +1,460 @@
+"""COCO instance evaluation: bbox and segm AP/AR with configurable maxDets and a per-class AP table.
+
+Matching and accumulation are COCOeval's (pycocotools, or faster-coco-eval's identical C++ port).
+The summary is computed here from COCOeval's ``precision``/``recall`` arrays with the configured
+maxDets: pycocotools' ``summarize()`` hard-codes maxDets=100 for AP, so with ``[1, 10, 300]`` it
+reports AP = -1. Here AP, AP50, AP75, APs/m/l and ARs/m/l use the last maxDets value and
+``AR<m>`` is reported for each value m; with the default ``[1, 10, 100]`` the numbers are exactly
+pycocotools' ``stats`` (times 100). Undefined values (no ground truth in that range) are NaN.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from surgdino import comm
+from surgdino.errors import SurgDinoError
+from surgdino.log import get_logger
+
+logger = get_logger(__name__)
+
+IOU_TYPES = ("segm", "bbox")
+RESULTS_FILE = "coco_instances_results.json"
+
+
+def metric_names(max_dets: Sequence[int]) -> list[str]:
+    """Names of the summary metrics, in print order, for the given maxDets."""
+    return ["AP", "AP50", "AP75", "APs", "APm", "APl", *[f"AR{m}" for m in max_dets], "ARs", "ARm", "ARl"]
+
+
+def _check_max_dets(max_dets: Iterable[int]) -> list[int]:
+    out = [int(m) for m in max_dets]
+    if not out or any(m <= 0 for m in out) or out != sorted(set(out)):
+        raise SurgDinoError(f"maxDets {out} must be positive and strictly increasing, e.g. [1, 10, 100] "
+                            "(TEST.MAX_DETS / --max-dets); the last one gives AP")
+    return out
+
+
+def _check_iou_types(iou_types: Iterable[str]) -> list[str]:
+    out = list(dict.fromkeys(iou_types))
+    bad = [t for t in out if t not in IOU_TYPES]
+    if bad or not out:
+        raise SurgDinoError(f"iou type(s) {bad or out} not supported; choose from {list(IOU_TYPES)} (--iou-type)")
+    return out
+
+
+def _read_json(path: str, what: str, flag: str) -> Any:
+    """Parse a json file; a missing file or invalid JSON is a SurgDinoError naming the file and the place."""
+    if not os.path.isfile(path):
+        raise SurgDinoError(f"{path}: {what} file not found; check the path ({flag})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise SurgDinoError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}; "
+                            f"fix the {what} file (is it truncated?)") from None
+    except UnicodeDecodeError as e:
+        raise SurgDinoError(f"{path}: not UTF-8 text ({e.reason}); is this really a COCO {what} file?") from None
+
+
+def load_ground_truth(json_file: str) -> dict[str, Any]:
+    """Read a COCO instances json for evaluation; fills ``iscrowd`` (0) and ``area`` (mask area) where missing."""
+    data = _read_json(json_file, "annotation", "json_file / --annotations")
+    if not isinstance(data, dict):
+        raise SurgDinoError(f"{json_file}: top level must be a JSON object with images, annotations and "
+                            f"categories, got {type(data).__name__}")
+    return prepare_ground_truth(data, json_file)
+
+
+def prepare_ground_truth(data: dict[str, Any], source: str = "ground truth") -> dict[str, Any]:
+    """Check the fields COCOeval needs and fill the optional ones; returns a new dict."""
+    for field in ("images", "categories"):
+        if not isinstance(data.get(field), list):
+            raise SurgDinoError(f"{source}: field {field!r} must be a list; a COCO instances json has "
+                                "images, annotations and categories")
+    data = dict(data)
+    images = {}
+    for i, img in enumerate(data["images"]):
+        if not isinstance(img, dict) or not all(isinstance(img.get(k), int) for k in ("id", "height", "width")):
+            raise SurgDinoError(f"{source}: images[{i}] needs integer id, height and width")
+        images[img["id"]] = img
+    for i, cat in enumerate(data["categories"]):
+        if not isinstance(cat, dict) or not isinstance(cat.get("id"), int):
+            raise SurgDinoError(f"{source}: categories[{i}] needs an integer id (and a name)")
+    cat_ids = {c["id"] for c in data["categories"]}
+    anns = []
+    for i, a in enumerate(data.get("annotations") or []):
+        where = f"{source}: annotations[{i}] (id {a.get('id') if isinstance(a, dict) else '?'})"
+        if not isinstance(a, dict) or "id" not in a:
+            raise SurgDinoError(f"{where} must be an object with an id")
+        if a.get("image_id") not in images:
+            raise SurgDinoError(f"{where} has image_id {a.get('image_id')!r}, not among the images; fix the id")
+        if a.get("category_id") not in cat_ids:
+            raise SurgDinoError(f"{where} has category_id {a.get('category_id')!r}, not among the categories")
+        bbox = a.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4):
+            raise SurgDinoError(f"{where} needs bbox [x, y, w, h]")
+        a = dict(a)
+        a.setdefault("iscrowd", 0)
+        if "area" not in a:
+            a["area"] = _segmentation_area(a.get("segmentation"), images[a["image_id"]], bbox)
+        anns.append(a)
+    data["annotations"] = anns
+    return data
+
+
+def _segmentation_area(segm: Any, img: dict[str, Any], bbox: list[float]) -> float:
+    """Area of a polygon/RLE segmentation (COCO's definition of ``area``), else the box area."""
+    from pycocotools import mask as mask_util
+
+    h, w = img["height"], img["width"]
+    if isinstance(segm, dict) and "counts" in segm:
+        rle = mask_util.frPyObjects(segm, h, w) if isinstance(segm["counts"], list) else segm
+        if isinstance(rle.get("counts"), str):
+            rle = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+        return float(mask_util.area(rle))
+    polys = [p for p in segm or [] if len(p) >= 6]
+    if polys:
+        return float(mask_util.area(mask_util.merge(mask_util.frPyObjects(polys, h, w))))
+    return float(bbox[2] * bbox[3])
+
+
+def records_to_coco_dict(records: list[dict[str, Any]], thing_classes: Sequence[str],
+                         contiguous_to_dataset_id: dict[int, int] | None = None) -> dict[str, Any]:
+    """COCO ground truth from dataset records (contiguous category ids mapped back to dataset ids)."""
+    to_id = contiguous_to_dataset_id or {i: i for i in range(len(thing_classes))}
+    images, anns = [], []
+    for r in records:
+        images.append({"id": int(r["image_id"]), "height": int(r["height"]), "width": int(r["width"]),
+                       "file_name": r.get("file_name", "")})
+        for a in r.get("annotations", []):
+            ann = {"id": len(anns) + 1, "image_id": int(r["image_id"]), "bbox": [float(v) for v in a["bbox"]],
+                   "category_id": int(to_id[int(a["category_id"])]), "iscrowd": int(a.get("iscrowd", 0))}
+            if a.get("segmentation") is not None:
+                ann["segmentation"] = a["segmentation"]
+            if "area" in a:
+                ann["area"] = float(a["area"])
+            anns.append(ann)
+    cats = [{"id": int(to_id[i]), "name": str(n)} for i, n in enumerate(thing_classes)]
+    return prepare_ground_truth({"images": images, "annotations": anns, "categories": cats}, "dataset records")
+
+
+def instances_to_coco_results(output: dict[str, Any], image_id: int,
+                              contiguous_to_dataset_id: dict[int, int] | None = None) -> list[dict[str, Any]]:
+    """One image's model output as COCO results: boxes XYWH, masks RLE (str counts), dataset category ids."""
+    from pycocotools import mask as mask_util
+
+    scores = torch.as_tensor(output["scores"]).detach().float().cpu().tolist()
+    if not scores:
+        return []
+    labels = torch.as_tensor(output["labels"]).detach().cpu().tolist()
+    boxes = torch.as_tensor(output["boxes"]).detach().float().cpu().reshape(-1, 4).clone()  # [K, 4] xyxy
+    boxes[:, 2:] -= boxes[:, :2]  # [K, 4] xywh
+    rles: list[dict[str, Any]] | None = None
+    masks = output.get("masks")
+    if isinstance(masks, torch.Tensor):
+        m = masks.detach().cpu().bool().numpy()  # [K, H, W]
+        rles = mask_util.encode(np.asfortranarray(m.transpose(1, 2, 0).astype(np.uint8)))  # [H, W, K] → K RLEs
+    elif masks is not None:
+        rles = list(masks)
+    results = []
+    for k, (score, label, box) in enumerate(zip(scores, labels, boxes.tolist())):
+        label = int(label)
+        r = {"image_id": int(image_id), "score": float(score), "bbox": [float(v) for v in box],
+             "category_id": int(contiguous_to_dataset_id[label]) if contiguous_to_dataset_id else label}
+        if rles is not None:
+            rle = rles[k]
+            counts = rle["counts"]
+            r["segmentation"] = {"size": [int(s) for s in rle["size"]],
+                                 "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+        results.append(r)
+    return results
+
+
+def validate_results(results: Any, gt: dict[str, Any], iou_types: Sequence[str], source: str = "results",
+                     gt_source: str = "the ground truth") -> None:
+    """Check a COCO results list against the ground truth; raise a SurgDinoError naming the first problem."""
+    if not isinstance(results, list):
+        raise SurgDinoError(f"{source}: top level must be a JSON list of detections "
+                            f"[{{image_id, category_id, score, bbox, segmentation}}], got {type(results).__name__}")
+    images = {img["id"]: img for img in gt["images"]}
+    cat_ids = {c["id"] for c in gt["categories"]}
+    for i, r in enumerate(results):
+        where = f"{source}: result {i}"
+        if not isinstance(r, dict):
+            raise SurgDinoError(f"{where} must be an object with image_id, category_id, score and bbox/segmentation")
+        if r.get("image_id") not in images:
+            raise SurgDinoError(f"{where} has image_id {r.get('image_id')!r}, which is not an image of {gt_source}; "
+                                "results must use the ids of its \"images\"")
+        if r.get("category_id") not in cat_ids:
+            raise SurgDinoError(f"{where} has category_id {r.get('category_id')!r}, not among the categories of "
+                                f"{gt_source} ({len(cat_ids)} ids); use the dataset's category ids, not contiguous ones")
+        if not isinstance(r.get("score"), (int, float)) or isinstance(r.get("score"), bool):
+            raise SurgDinoError(f"{where} needs a numeric score")
+        if "bbox" in iou_types:
+            b = r.get("bbox")
+            if not (isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)):
+                raise SurgDinoError(f"{where} needs bbox [x, y, w, h] (4 numbers) for bbox evaluation; "
+                                    "or pass --iou-type segm")
+        if "segm" in iou_types:
+            s = r.get("segmentation")
+            if not (isinstance(s, dict) and "counts" in s and isinstance(s.get("size"), list)):
+                raise SurgDinoError(f"{where} needs segmentation as an RLE {{size: [h, w], counts}} for segm "
+                                    "evaluation (pycocotools.mask.encode); or pass --iou-type bbox")
+            img = images[r["image_id"]]
+            if list(s["size"]) != [img["height"], img["width"]]:
+                raise SurgDinoError(f"{where}: segmentation size {s['size']} differs from image {r['image_id']}'s "
+                                    f"[height, width] = {[img['height'], img['width']]}; encode masks at the "
+                                    "original image size")
+
+
+def _coco_api(use_fast_eval: bool) -> tuple[type, type]:
+    if use_fast_eval:
+        from faster_coco_eval import COCO, COCOeval_faster
+
+        return COCO, COCOeval_faster
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    return COCO, COCOeval
+
+
+def run_coco_eval(gt: dict[str, Any], results: list[dict[str, Any]], iou_type: str, max_dets: Sequence[int],
+                  img_ids: Sequence[int] | None = None, use_fast_eval: bool = True) -> Any:
+    """Run COCOeval evaluate + accumulate (quietly) and return the COCOeval object."""
+    coco_cls, eval_cls = _coco_api(use_fast_eval)
+    dts = []
+    for r in results:  # copies: loadRes adds fields; segm area must come from the mask, so drop the box
+        d = dict(r)
+        d.pop("bbox" if iou_type == "segm" else "segmentation", None)
+        dts.append(d)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = coco_cls()
+        coco_gt.dataset = copy.deepcopy(gt)
+        coco_gt.createIndex()
+        if dts:
+            coco_dt = coco_gt.loadRes(dts)
+        else:
+            coco_dt = coco_cls()
+            coco_dt.dataset = {"images": list(gt["images"]), "categories": list(gt["categories"]), "annotations": []}
+            coco_dt.createIndex()
+        kwargs = {"print_function": lambda *a, **k: None} if use_fast_eval else {}
+        ev = eval_cls(coco_gt, coco_dt, iouType=iou_type, **kwargs)
+        ev.params.maxDets = list(max_dets)
+        if img_ids is not None:
+            ev.params.imgIds = sorted(set(int(i) for i in img_ids))
+        ev.evaluate()
+        ev.accumulate()
+    return ev
+
+
+def _mean_valid(x: np.ndarray) -> float:
+    x = x[x > -1]
+    return float(x.mean() * 100) if x.size else float("nan")
+
+
+def summarize(coco_eval: Any, max_dets: Sequence[int]) -> dict[str, float]:
+    """Summary metrics (percent) from COCOeval's accumulated arrays, with the configured maxDets."""
+    p = coco_eval.params
+    precision = np.asarray(coco_eval.eval["precision"])  # [T, R, K, A, M]
+    recall = np.asarray(coco_eval.eval["recall"])  # [T, K, A, M]
+    area = {name: i for i, name in enumerate(p.areaRngLbl)}
+    mdet = {m: i for i, m in enumerate(p.maxDets)}
+    last = mdet[max_dets[-1]]
+    iou = {t: int(np.argmin(np.abs(np.asarray(p.iouThrs) - t))) for t in (0.5, 0.75)}
+    out = {
+        "AP": _mean_valid(precision[:, :, :, area["all"], last]),
+        "AP50": _mean_valid(precision[iou[0.5], :, :, area["all"], last]),
+        "AP75": _mean_valid(precision[iou[0.75], :, :, area["all"], last]),
+        "APs": _mean_valid(precision[:, :, :, area["small"], last]),
+        "APm": _mean_valid(precision[:, :, :, area["medium"], last]),
+        "APl": _mean_valid(precision[:, :, :, area["large"], last]),
+    }
+    for m in max_dets:
+        out[f"AR{m}"] = _mean_valid(recall[:, :, area["all"], mdet[m]])
+    out["ARs"] = _mean_valid(recall[:, :, area["small"], last])
+    out["ARm"] = _mean_valid(recall[:, :, area["medium"], last])
+    out["ARl"] = _mean_valid(recall[:, :, area["large"], last])
+    return out
+
+
+def per_class_ap(coco_eval: Any, gt: dict[str, Any]) -> dict[str, float]:
+    """AP (IoU 0.50:0.95, all areas, last maxDets) per class name; NaN for a class without ground truth."""
+    p = coco_eval.params
+    precision = np.asarray(coco_eval.eval["precision"])  # [T, R, K, A, M]
+    names = {c["id"]: str(c.get("name", c["id"])) for c in gt["categories"]}
+    all_idx = list(p.areaRngLbl).index("all")
+    out = {}
+    for k, cid in enumerate(p.catIds):
+        name = names[cid] if names[cid] not in out else f"{names[cid]} (id {cid})"
+        out[name] = _mean_valid(precision[:, :, k, all_idx, -1])
+    return out
+
+
+def evaluate_coco(gt: dict[str, Any], results: list[dict[str, Any]], iou_types: Sequence[str] = IOU_TYPES,
+                  max_dets: Sequence[int] = (1, 10, 100), img_ids: Sequence[int] | None = None,
+                  use_fast_eval: bool = True, source: str = "ground truth") -> dict[str, Any]:
+    """Metrics of COCO ``results`` against ground truth ``gt`` (both already checked):
+    ``{"segm": {...}, "bbox": {...}, "per_class": {"segm": {name: AP}, ...}}`` in percent."""
+    max_dets = _check_max_dets(max_dets)
+    iou_types = _check_iou_types(iou_types)
+    names = metric_names(max_dets)
+    metrics: dict[str, Any] = {}
+    per_class: dict[str, dict[str, float]] = {}
+    if not gt["annotations"]:
+        logger.warning(f"{source} has no annotations: every COCO metric is undefined (NaN)")
+        for t in iou_types:
+            metrics[t] = dict.fromkeys(names, float("nan"))
+            per_class[t] = {str(c.get("name", c["id"])): float("nan") for c in gt["categories"]}
+    else:
+        if not results:
+            logger.warning("No detections to evaluate: AP and AR are 0 wherever there is ground truth")
+        for t in iou_types:
+            ev = run_coco_eval(gt, results, t, max_dets, img_ids, use_fast_eval)
+            metrics[t] = summarize(ev, max_dets)
+            per_class[t] = per_class_ap(ev, gt)
+    metrics["per_class"] = per_class
+    return metrics
+
+
+def evaluate_results_file(gt_json: str, results_json: str, iou_types: Sequence[str] | None = None,
+                          max_dets: Sequence[int] = (1, 10, 100), use_fast_eval: bool = True) -> dict[str, Any]:
+    """Evaluate a COCO results json against a COCO annotation json (what ``surgdino evaluate`` runs).
+
+    ``iou_types=None`` evaluates what the results hold: segm if every result has a segmentation, and bbox.
+    """
+    gt = load_ground_truth(gt_json)
+    results = _read_json(results_json, "results", "--results")
+    if iou_types is None:
+        has_segm = isinstance(results, list) and bool(results) and all(
+            isinstance(r, dict) and "segmentation" in r for r in results)
+        iou_types = ["segm", "bbox"] if has_segm else ["bbox"]
+    iou_types = _check_iou_types(iou_types)
+    validate_results(results, gt, iou_types, source=results_json, gt_source=gt_json)
+    return evaluate_coco(gt, results, iou_types, max_dets, use_fast_eval=use_fast_eval, source=gt_json)
+
+
+def _fmt(v: float) -> str:
+    return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def format_metrics(metrics: dict[str, Any], columns: int = 3) -> str:
+    """The summary table (metric × iou type), then per-class AP in ``columns`` column pairs."""
+    types = [t for t in metrics if t != "per_class"]
+    if not types:
+        return "(no metrics)"
+    names = list(metrics[types[0]])
+    lines = [f"{'metric':<8}" + "".join(f"{t:>10}" for t in types)]
+    lines += [f"{n:<8}" + "".join(f"{_fmt(metrics[t].get(n)):>10}" for t in types) for n in names]
+    per_class = metrics.get("per_class") or {}
+    for t in types:
+        items = list((per_class.get(t) or {}).items())
+        if not items:
+            continue
+        width = max(12, *(len(n) for n, _ in items))
+        lines.append(f"Per-class {t} AP:")
+        for i in range(0, len(items), columns):
+            lines.append("  ".join(f"{n:<{width}} {_fmt(v):>7}" for n, v in items[i:i + columns]))
+    return "\n".join(lines)
+
+
+def metrics_to_json(metrics: dict[str, Any]) -> Any:
+    """The metrics with NaN as ``null`` (strict JSON)."""
+    if isinstance(metrics, dict):
+        return {k: metrics_to_json(v) for k, v in metrics.items()}
+    if isinstance(metrics, float) and math.isnan(metrics):
+        return None
+    return metrics
+
+
+class COCOEvaluator:
+    """Collects per-image predictions as COCO results (``process``) and computes COCO metrics (``evaluate``).
+
+    Ground truth comes from the dataset's metadata ``json_file`` (or its records when it has none)
+    or from an explicit ``json_file``. Predictions are RLE-encoded as they arrive, so memory stays
+    small on dense trays; ``evaluate`` gathers them from all processes to rank 0 and evaluates only
+    the images that were processed.
+    """
+
+    def __init__(self, dataset_name: str | None = None, *, json_file: str | None = None,
+                 max_dets: Sequence[int] = (1, 10, 100), iou_types: Sequence[str] = IOU_TYPES,
+                 output_dir: str | None = None, use_fast_eval: bool = True):
+        if dataset_name is None and json_file is None:
+            raise SurgDinoError("COCOEvaluator needs a dataset name (DATASETS.TEST) or a json_file of ground truth")
+        self.max_dets = _check_max_dets(max_dets)
+        self.iou_types = _check_iou_types(iou_types)
+        self.output_dir = output_dir
+        self.use_fast_eval = use_fast_eval
+        self.source = json_file or dataset_name
+        id_map = None
+        if json_file is not None:
+            self._gt = load_ground_truth(json_file)
+        else:
+            from surgdino.data.catalog import DatasetCatalog, MetadataCatalog
+
+            meta = MetadataCatalog.get(dataset_name)
+            id_map = meta.get("thing_dataset_id_to_contiguous_id")
+            if meta.get("json_file"):
+                self._gt = load_ground_truth(meta.json_file)
+                self.source = meta.json_file
+            else:
+                records = DatasetCatalog.get(dataset_name)
+                id_map = meta.get("thing_dataset_id_to_contiguous_id")
+                inv = {v: k for k, v in id_map.items()} if id_map else None
+                self._gt = records_to_coco_dict(records, meta.thing_classes, inv)
+        if not id_map:  # the catalog's convention: contiguous ids in order of the dataset's category ids
+            id_map = {cid: i for i, cid in enumerate(sorted(c["id"] for c in self._gt["categories"]))}
+        self._contiguous_to_dataset_id = {int(v): int(k) for k, v in id_map.items()}
+        self.reset()
+
+    @classmethod
+    def from_config(cls, cfg: Any, dataset_name: str, output_dir: str | None = None) -> COCOEvaluator:
+        return cls(dataset_name, max_dets=list(cfg.TEST.MAX_DETS), output_dir=output_dir)
+
+    def reset(self) -> None:
+        self._image_ids: list[int] = []
+        self._results: list[dict[str, Any]] = []
+
+    def process(self, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> None:
+        """Convert one batch of model outputs to COCO results right away."""
+        for inp, out in zip(inputs, outputs):
+            image_id = int(inp["image_id"])
+            self._image_ids.append(image_id)
+            self._results.extend(instances_to_coco_results(out, image_id, self._contiguous_to_dataset_id))
+
+    def evaluate(self) -> dict[str, Any]:
+        """Metrics on rank 0 (``{}`` on other ranks); also writes ``coco_instances_results.json``."""
+        gathered = comm.gather((self._image_ids, self._results), dst=0)
+        if not comm.is_main_process():
+            return {}
+        image_ids = sorted({i for ids, _ in gathered for i in ids})
+        unknown = sorted(set(image_ids) - {img["id"] for img in self._gt["images"]})
+        if unknown:
+            raise SurgDinoError(f"inputs have image_id(s) {unknown[:5]} that are not images of {self.source}; "
+                                "evaluate a dataset against its own annotation json")
+        results = [r for _, rs in gathered for r in rs]
+        iou_types = list(self.iou_types)
+        if results and "segm" in iou_types and not all("segmentation" in r for r in results):
+            logger.warning("Predictions carry no masks: evaluating bbox only")
+            iou_types = [t for t in iou_types if t != "segm"] or ["bbox"]
+        validate_results(results, self._gt, iou_types, source="predictions", gt_source=self.source)
+        if self.output_dir:
+            os.makedirs(self.output_dir, exist_ok=True)
+            path = os.path.join(self.output_dir, RESULTS_FILE)
+            with open(path, "w") as f:
+                json.dump(results, f)
+            logger.info(f"Wrote {len(results)} detections of {len(image_ids)} images to {path}")
+        metrics = evaluate_coco(self._gt, results, iou_types, self.max_dets, img_ids=image_ids,
+                                use_fast_eval=self.use_fast_eval, source=self.source)
+        logger.info(f"COCO evaluation of {len(image_ids)} images ({self.source}):\n" + format_metrics(metrics))
+        return metrics
