@@ -109,8 +109,10 @@ def merge_detections(boxes: torch.Tensor, masks: torch.Tensor, scores: torch.Ten
         keep_labels.append(labels[i])
     if not out_s:
         return {"boxes": boxes[:0], "masks": masks[:0], "scores": scores[:0], "labels": labels[:0]}
-    return {"boxes": torch.stack(out_b), "masks": torch.stack(out_m), "scores": torch.stack(out_s),
-            "labels": torch.stack(keep_labels)}
+    merged_scores = torch.stack(out_s)
+    order = merged_scores.argsort(descending=True)  # highest merged score first
+    return {"boxes": torch.stack(out_b)[order], "masks": torch.stack(out_m)[order], "scores": merged_scores[order],
+            "labels": torch.stack(keep_labels)[order]}
 
 
 class InstanceTTA(nn.Module):
