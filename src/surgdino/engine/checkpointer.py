@@ -1,0 +1,245 @@
+"""Checkpoints: one file holds model, optimizer, scheduler, iteration, RNG states and config.
+
+Files are written atomically (temp file, then rename) and a ``last_checkpoint`` text file names the
+newest one (fvcore's convention). ``resume`` restores everything; ``load_weights`` loads model
+weights only, skipping missing, unexpected and mismatched-shape tensors with a log line. A corrupt
+or truncated file raises ``CheckpointError``; resuming falls back to the previous good checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from surgdino import comm
+from surgdino.errors import CheckpointError
+from surgdino.log import get_logger
+
+logger = get_logger(__name__)
+
+_PERIODIC = re.compile(r"^model_(\d{7})\.pth$")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel wrappers."""
+    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to ``path.tmp``, fsync, then rename: a crash never leaves a half-written ``path``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: str) -> dict[str, Any]:
+    """Load a checkpoint file to CPU; ``CheckpointError`` naming the file if missing or unreadable."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}; check MODEL.WEIGHTS or the path given")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated zip, pickle garbage, wrong format
+        raise CheckpointError(
+            f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+            "the file is corrupt or truncated — use another checkpoint"
+        ) from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict or checkpoint dict")
+    return obj
+
+
+def _state_dict_of(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The model state dict inside a checkpoint (ours, detectron2-style ``model`` key, or a bare dict)."""
+    for key in ("model", "state_dict", "model_state"):
+        if isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def load_weights(model: nn.Module, path: str) -> dict[str, Any]:
+    """Weights only: copy tensors whose names and shapes match; log skipped and missing ones.
+
+    Returns the checkpoint's other entries (e.g. ``thing_classes``).
+    """
+    obj = read_checkpoint(path)
+    state = _state_dict_of(obj)
+    if not state:
+        raise CheckpointError(f"{path}: no model weights found (expected a state dict or a 'model' entry)")
+    model = unwrap(model)
+    own = model.state_dict()
+    ok: dict[str, torch.Tensor] = {}
+    mismatched = []
+    for k, v in state.items():
+        if k not in own:
+            continue
+        if own[k].shape != v.shape:
+            mismatched.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}")
+            continue
+        ok[k] = v
+    if not ok:
+        raise CheckpointError(
+            f"{path}: none of its {len(state)} tensors match the model's parameter names; "
+            "is it a checkpoint of this architecture (convert official weights with `surgdino convert`)?"
+        )
+    model.load_state_dict(ok, strict=False)
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(ok))
+    logger.info("loaded %d/%d tensors from %s", len(ok), len(own), path)
+    for line in mismatched:
+        logger.info("skipped (shape mismatch) %s", line)
+    if missing:
+        logger.info("not in checkpoint (kept initialised): %s", _short(missing))
+    if unexpected:
+        logger.info("in checkpoint but not in the model (ignored): %s", _short(unexpected))
+    return {k: v for k, v in obj.items() if k not in ("model", "optimizer", "scheduler", "scaler")}
+
+
+def _short(names: list[str], n: int = 8) -> str:
+    return ", ".join(names[:n]) + (f" … (+{len(names) - n})" if len(names) > n else "")
+
+
+def get_rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        try:
+            torch.cuda.set_rng_state_all(state["cuda"])
+        except (RuntimeError, IndexError):
+            logger.warning("CUDA RNG state not restored (different number of devices)")
+
+
+class Checkpointer:
+    """Saves and restores training state under ``save_dir``; only rank 0 writes files."""
+
+    def __init__(self, model: nn.Module, save_dir: str, *, optimizer: torch.optim.Optimizer | None = None,
+                 scheduler: Any = None, scaler: Any = None, max_to_keep: int = 0):
+        self.model = model
+        self.save_dir = save_dir
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.scaler = scaler
+        self.max_to_keep = max_to_keep
+
+    # ------------------------------------------------------------------ saving
+    def save(self, name: str, *, update_last: bool = True, **extra: Any) -> str | None:
+        """Write ``save_dir/name.pth`` with all state plus ``extra``; update ``last_checkpoint``.
+
+        Collective: every rank must call it (RNG states are gathered to rank 0).
+        """
+        rng = comm.gather(get_rng_state())
+        if not comm.is_main_process():
+            return None
+        data: dict[str, Any] = {"model": unwrap(self.model).state_dict(), "rng": rng, **extra}
+        if self.optimizer is not None:
+            data["optimizer"] = self.optimizer.state_dict()
+        if self.scheduler is not None:
+            data["scheduler"] = self.scheduler.state_dict()
+        if self.scaler is not None:
+            data["scaler"] = self.scaler.state_dict()
+        path = os.path.join(self.save_dir, f"{name}.pth")
+        atomic_save(data, path)
+        if update_last:
+            self._write_last(os.path.basename(path))
+        logger.info("saved checkpoint %s", path)
+        self._prune()
+        return path
+
+    def _write_last(self, basename: str) -> None:
+        tmp = os.path.join(self.save_dir, "last_checkpoint.tmp")
+        with open(tmp, "w") as f:
+            f.write(basename)
+        os.replace(tmp, os.path.join(self.save_dir, "last_checkpoint"))
+
+    def _prune(self) -> None:
+        if self.max_to_keep <= 0:
+            return
+        periodic = self.periodic_checkpoints()
+        for path in periodic[: -self.max_to_keep]:
+            os.remove(path)
+
+    # ------------------------------------------------------------------ finding
+    def periodic_checkpoints(self) -> list[str]:
+        """``model_NNNNNNN.pth`` files in iteration order."""
+        if not os.path.isdir(self.save_dir):
+            return []
+        names = sorted(n for n in os.listdir(self.save_dir) if _PERIODIC.match(n))
+        return [os.path.join(self.save_dir, n) for n in names]
+
+    def last_checkpoint(self) -> str | None:
+        """The file named by ``last_checkpoint`` (or the newest periodic one), if any."""
+        pointer = os.path.join(self.save_dir, "last_checkpoint")
+        if os.path.isfile(pointer):
+            with open(pointer) as f:
+                name = f.read().strip()
+            path = os.path.join(self.save_dir, name)
+            if os.path.isfile(path):
+                return path
+        periodic = self.periodic_checkpoints()
+        return periodic[-1] if periodic else None
+
+    def _candidates(self) -> list[str]:
+        """Resume candidates, newest first: the pointer's file, then periodic ones by iteration."""
+        out: list[str] = []
+        last = self.last_checkpoint()
+        if last:
+            out.append(last)
+        out += [p for p in reversed(self.periodic_checkpoints()) if p not in out]
+        return out
+
+    # ------------------------------------------------------------------ loading
+    def resume(self) -> dict[str, Any] | None:
+        """Restore full state from the newest readable checkpoint; ``None`` if there is none.
+
+        A corrupt or truncated file is reported and the previous one is tried.
+        """
+        for path in self._candidates():
+            try:
+                obj = read_checkpoint(path)
+                if "iteration" not in obj or "model" not in obj:
+                    raise CheckpointError(f"{path}: not a training checkpoint (no iteration/model entries)")
+            except CheckpointError as e:
+                logger.warning("%s; trying the previous checkpoint", e)
+                continue
+            self._restore(obj)
+            logger.info("resumed from %s at iteration %d", path, obj["iteration"])
+            obj["path"] = path
+            return obj
+        return None
+
+    def _restore(self, obj: dict[str, Any]) -> None:
+        unwrap(self.model).load_state_dict(obj["model"])
+        if self.optimizer is not None and "optimizer" in obj:
+            self.optimizer.load_state_dict(obj["optimizer"])
+        if self.scheduler is not None and "scheduler" in obj:
+            self.scheduler.load_state_dict(obj["scheduler"])
+        if self.scaler is not None and "scaler" in obj:
+            self.scaler.load_state_dict(obj["scaler"])
+        rng = obj.get("rng")
+        if rng:
+            rank = comm.get_rank()
+            if len(rng) != comm.get_world_size():
+                logger.warning("checkpoint has RNG states of %d processes, running %d: ranks reuse them "
+                               "modulo; data order and randomness will differ", len(rng), comm.get_world_size())
+            set_rng_state(rng[rank % len(rng)])

@@ -1,0 +1,231 @@
+"""The training loop: a tiny core (``SimpleTrainer.run_step``) with everything else in hooks.
+
+``run_step`` draws ``accumulation_steps`` micro-batches (lists of per-image dicts) from the data
+iterator, runs forward/backward on each (DDP gradient sync only on the last), skips the step if
+any loss is non-finite on any process, clips gradients and steps optimizer and schedule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from surgdino import comm
+from surgdino.engine.writers import EventStorage
+from surgdino.errors import SurgDinoError
+from surgdino.log import get_logger
+
+logger = get_logger(__name__)
+
+
+class NonFiniteLossError(SurgDinoError):
+    """Training stopped: the loss was NaN/inf for too many steps in a row."""
+
+
+class HookBase:
+    """Called by the trainer around training and each step; ``self.trainer`` is set on registration."""
+
+    trainer: TrainerBase
+
+    def before_train(self) -> None:
+        pass
+
+    def after_train(self) -> None:
+        pass
+
+    def before_step(self) -> None:
+        pass
+
+    def after_step(self) -> None:
+        pass
+
+
+class TrainerBase:
+    """Runs hooks around ``run_step`` for iterations ``start_iter .. max_iter - 1``."""
+
+    def __init__(self) -> None:
+        self._hooks: list[HookBase] = []
+        self.iter = 0
+        self.start_iter = 0
+        self.max_iter = 0
+        self.storage = EventStorage()
+
+    def register_hooks(self, hooks: Iterable[HookBase | None]) -> None:
+        for h in hooks:
+            if h is not None:
+                h.trainer = self
+                self._hooks.append(h)
+
+    def train(self, start_iter: int, max_iter: int) -> None:
+        logger.info("starting training from iteration %d to %d", start_iter, max_iter)
+        self.iter = self.start_iter = start_iter
+        self.max_iter = max_iter
+        self.storage = EventStorage(start_iter)
+        try:
+            for h in self._hooks:
+                h.before_train()
+            for self.iter in range(start_iter, max_iter):
+                self.storage.iter = self.iter
+                for h in self._hooks:
+                    h.before_step()
+                self.run_step()
+                for h in self._hooks:
+                    h.after_step()
+            self.iter += 1
+        finally:
+            for h in self._hooks:
+                h.after_train()
+
+    def run_step(self) -> None:
+        raise NotImplementedError
+
+
+class SimpleTrainer(TrainerBase):
+    """One optimizer step per batch; gradient accumulation, clipping, AMP and non-finite skips."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data_loader: Iterable[list[dict[str, Any]]],
+        optimizer: torch.optim.Optimizer,
+        *,
+        scheduler: Any = None,
+        accumulation_steps: int = 1,
+        clip_type: str | None = None,
+        clip_value: float = 0.0,
+        norm_type: float = 2.0,
+        amp_dtype: torch.dtype | None = None,
+        max_nonfinite_steps: int = 5,
+    ):
+        super().__init__()
+        self.model = model
+        self.data_loader = data_loader
+        self._data_iter = None
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.accumulation_steps = max(1, accumulation_steps)
+        self.clip_type = clip_type
+        self.clip_value = clip_value
+        self.norm_type = norm_type
+        self.amp_dtype = amp_dtype
+        device = next(model.parameters()).device
+        self.device_type = device.type
+        self.scaler = (torch.amp.GradScaler(self.device_type)
+                       if amp_dtype is torch.float16 and self.device_type == "cuda" else None)
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.nonfinite_in_a_row = 0
+        self.last_losses: dict[str, float] = {}
+
+    @property
+    def data_iter(self):
+        if self._data_iter is None:
+            self._data_iter = iter(self.data_loader)
+        return self._data_iter
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.amp_dtype)
+
+    def run_step(self) -> None:
+        assert self.model.training, "model must be in train mode"
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        bad_terms: list[str] = []
+        data_time = 0.0
+        weight = 1.0 / self.accumulation_steps
+        for i in range(self.accumulation_steps):
+            t0 = time.perf_counter()
+            chunk = next(self.data_iter)
+            data_time += time.perf_counter() - t0
+            last = i == self.accumulation_steps - 1
+            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            with sync:
+                with self._autocast():
+                    loss_dict = self.model(chunk)
+                losses = sum(loss_dict.values())
+                local_bad = [k for k, v in loss_dict.items() if not torch.isfinite(v).all()]
+                if _any_rank(bool(local_bad), losses.device):
+                    bad_terms = sorted({t for terms in comm.all_gather(local_bad) for t in terms}) or ["loss"]
+                    for _ in range(i + 1, self.accumulation_steps):  # keep the data stream in step
+                        next(self.data_iter)
+                    break
+                loss = losses * weight
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            for k, v in loss_dict.items():
+                totals[k] = totals.get(k, 0.0) + float(v.detach()) * weight
+
+        if bad_terms:
+            self._skip(bad_terms)
+        else:
+            self.nonfinite_in_a_row = 0
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            self._clip()
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self._log(totals, data_time)
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+    def _skip(self, bad_terms: list[str]) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_in_a_row += 1
+        logger.warning("iteration %d: non-finite %s; step skipped (%d in a row)", self.iter + 1,
+                       ", ".join(bad_terms), self.nonfinite_in_a_row)
+        if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"loss term(s) {', '.join(bad_terms)} non-finite for {self.nonfinite_in_a_row} steps in a row "
+                f"(iteration {self.iter + 1}); lower SOLVER.BASE_LR, enable SOLVER.CLIP_GRADIENTS, or turn "
+                "SOLVER.AMP.ENABLED off"
+            )
+
+    def _clip(self) -> None:
+        if not self.clip_type or self.clip_value <= 0:
+            return
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.clip_type == "full_model":
+            norm = torch.nn.utils.clip_grad_norm_(params, self.clip_value, self.norm_type)
+            self.storage.put_scalar("grad_norm", float(norm))
+        elif self.clip_type == "norm":
+            for p in params:
+                torch.nn.utils.clip_grad_norm_([p], self.clip_value, self.norm_type)
+        else:
+            torch.nn.utils.clip_grad_value_(params, self.clip_value)
+
+    def _log(self, totals: dict[str, float], data_time: float) -> None:
+        keys = sorted(totals)
+        vals = torch.tensor([totals[k] for k in keys] + [data_time], dtype=torch.float64)
+        if comm.get_world_size() > 1:
+            vals = torch.stack([torch.as_tensor(v, dtype=torch.float64)
+                                for v in comm.all_gather(vals)]).mean(0)
+        reduced = dict(zip(keys, vals[:-1].tolist()))
+        total = sum(v for k, v in reduced.items() if k.startswith("loss"))
+        self.last_losses = {"total_loss": total, **reduced}
+        self.storage.put_scalar("data_time", float(vals[-1]))
+        self.storage.put_scalar("total_loss", total)
+        for k, v in reduced.items():
+            self.storage.put_scalar(k, v)
+        if not math.isfinite(total):
+            logger.warning("iteration %d: logged total loss is non-finite", self.iter + 1)
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True if ``flag`` is true on any process (collective when distributed)."""
+    if comm.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
