@@ -236,3 +236,46 @@ def test_evaluate_results_file_and_cli(gt, tmp_path, capsys):
     assert "nope.json" in capsys.readouterr().err
     with pytest.raises(SurgDinoError, match="strictly increasing"):
         evaluate_coco(gt, results, max_dets=[10, 1])
+
+
+def test_dataset_records_as_ground_truth(gt):
+    from surgdino.data.catalog import DatasetCatalog, MetadataCatalog
+
+    to_contig = {c: i for i, c in enumerate(CAT_IDS)}
+    records = [{"file_name": f"/x/{img['id']}.png", "height": img["height"], "width": img["width"],
+                "image_id": img["id"],
+                "annotations": [dict(a, category_id=to_contig[a["category_id"]]) for a in gt["annotations"]
+                                if a["image_id"] == img["id"]]} for img in gt["images"]]
+    DatasetCatalog.register("_test_eval_records", lambda: records)
+    MetadataCatalog.get("_test_eval_records").set(thing_classes=[f"tool{c}" for c in CAT_IDS],
+                                                  thing_dataset_id_to_contiguous_id=to_contig)
+    ev = COCOEvaluator("_test_eval_records")
+    inputs, outputs = gt_as_outputs(gt)
+    ev.process(inputs, outputs)
+    m = ev.evaluate()
+    assert m["segm"]["AP"] == pytest.approx(100) and m["bbox"]["AP"] == pytest.approx(100)
+    assert math.isnan(m["per_class"]["segm"]["tool20"])
+
+
+def test_evaluate_gathers_all_ranks(gt, tmp_path, monkeypatch):
+    """Two ranks each process half of the images; rank 0 evaluates all of them, rank 1 returns {}."""
+    from surgdino.evaluation import coco_evaluator
+
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(gt))
+    inputs, outputs = gt_as_outputs(gt)
+    ranks = [COCOEvaluator(json_file=str(path), output_dir=str(tmp_path / f"r{r}")) for r in range(2)]
+    for r, ev in enumerate(ranks):
+        ev.process(inputs[r::2], outputs[r::2])
+    states = [(ev._image_ids, ev._results) for ev in ranks]
+
+    monkeypatch.setattr(coco_evaluator.comm, "is_main_process", lambda: False)
+    monkeypatch.setattr(coco_evaluator.comm, "gather", lambda obj, dst=0: [])
+    assert ranks[1].evaluate() == {}
+    monkeypatch.setattr(coco_evaluator.comm, "is_main_process", lambda: True)
+    monkeypatch.setattr(coco_evaluator.comm, "gather", lambda obj, dst=0: [obj, states[1]])
+    m = ranks[0].evaluate()
+    assert m["segm"]["AP"] == pytest.approx(100) and m["bbox"]["AR100"] == pytest.approx(100)
+    written = json.loads((tmp_path / "r0" / "coco_instances_results.json").read_text())
+    assert len(written) == len(gt["annotations"]) and not (tmp_path / "r1").exists()
+    assert {r["image_id"] for r in written} == {img["id"] for img in gt["images"]}
