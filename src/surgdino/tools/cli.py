@@ -1,5 +1,35 @@
-"""Command-line entry (to be implemented)."""
+"""``surgdino convert convnext --source X --output Y [--format surgdino|d2]``."""
+
+from __future__ import annotations
+
+import argparse
 
 
-def register(sub) -> None:
-    pass
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="convert pretrained weights into SurgDINO / detectron2 format")
+    csub = p.add_subparsers(dest="convert_command", metavar="{convnext}")
+    c = csub.add_parser(
+        "convnext",
+        help="ConvNeXt checkpoint (official ImageNet .pth, timm, ours) → backbone weights or detectron2 .pkl",
+        description="Convert a ConvNeXt checkpoint, e.g. the official convnext_tiny_1k_224_ema.pth, into SurgDINO "
+                    "backbone weights (.pth) or the detectron2-style .pkl (names 'backbone.*') that MODEL.WEIGHTS loads. "
+                    "The classification head is dropped.",
+    )
+    c.add_argument("--source", required=True, metavar="FILE", help="input checkpoint (.pth, .pt, .pkl)")
+    c.add_argument("--output", required=True, metavar="FILE", help="output file (.pth for surgdino, .pkl for d2)")
+    c.add_argument("--format", choices=["surgdino", "d2"], default=None,
+                   help="output format (default: d2 if --output ends in .pkl, else surgdino)")
+    c.set_defaults(func=_convnext)
+    p.set_defaults(func=lambda a: p.print_help() or 2)
+
+
+def _convnext(args: argparse.Namespace) -> int:
+    from surgdino.tools.convert_convnext import convert_convnext
+
+    info = convert_convnext(args.source, args.output, args.format)
+    name = f"convnext_{info['size']}" if info["size"] else "convnext"
+    sizing = "" if info["size"] else f" MODEL.CONVNEXT.DEPTHS \"{info['depths']}\" MODEL.CONVNEXT.DIMS \"{info['dims']}\""
+    print(f"wrote {info['output']} ({info['format']}): ConvNeXt depths {info['depths']} dims {info['dims']}, "
+          f"{info['tensors']} tensors, {len(info['dropped'])} head keys dropped")
+    print(f"use it with: MODEL.BACKBONE.NAME {name}{sizing} MODEL.WEIGHTS {info['output']}")
+    return 0
