@@ -232,6 +232,7 @@ class Trainer:
         writers: list[Any] = []
         console = None
         if comm.is_main_process():
+            os.makedirs(out, exist_ok=True)
             if self.start_iter > 0:
                 _truncate_metrics(metrics_path, self.start_iter)
             writers = [JSONWriter(metrics_path), TensorboardWriter(out)]

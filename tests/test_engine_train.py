@@ -1,0 +1,162 @@
+"""Engine: optimizer groups and schedule, resume after SIGKILL, corrupt checkpoints, weights-only loading,
+non-finite losses, gradient accumulation."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_engine_helpers import EngineTestNet, FakeDataTrainer, losses_of, tiny_cfg
+
+from surgdino.engine.checkpointer import Checkpointer, load_weights, read_checkpoint
+from surgdino.engine.optimizer import WarmupSchedule, build_lr_scheduler, build_optimizer, scale_config
+from surgdino.engine.trainer import NonFiniteLossError
+from surgdino.errors import CheckpointError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _train(out_dir, resume=False, **over):
+    trainer = FakeDataTrainer(tiny_cfg(str(out_dir), **over), resume=resume)
+    trainer.train()
+    return trainer
+
+
+def test_param_groups_decay_and_backbone_lr(tmp_path):
+    cfg = tiny_cfg(str(tmp_path), **{"SOLVER.BACKBONE_MULTIPLIER": 0.1, "SOLVER.WEIGHT_DECAY": 0.05})
+    model = EngineTestNet()
+    opt = build_optimizer(cfg, model)
+    by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
+    assert isinstance(opt, torch.optim.AdamW)
+    assert by_param[id(model.backbone[0].weight)]["lr"] == pytest.approx(0.001)
+    assert by_param[id(model.backbone[0].weight)]["weight_decay"] == 0.05
+    assert by_param[id(model.backbone[1].weight)]["weight_decay"] == 0.0  # norm
+    assert by_param[id(model.embed.weight)]["weight_decay"] == 0.0  # embedding
+    assert by_param[id(model.head.bias)]["weight_decay"] == 0.0  # bias
+    assert by_param[id(model.head.weight)]["weight_decay"] == 0.05
+    assert by_param[id(model.head.weight)]["lr"] == pytest.approx(0.01)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def test_schedule_warmup_then_steps(tmp_path):
+    s = WarmupSchedule(max_iter=100, steps=[50, 80], gamma=0.1, warmup_iters=10, warmup_factor=0.01)
+    assert s(0) == pytest.approx(0.01)
+    assert s(5) == pytest.approx(0.01 * 0.5 + 0.5)
+    assert s(10) == 1.0 and s(49) == 1.0
+    assert s(50) == pytest.approx(0.1) and s(80) == pytest.approx(0.01)
+    cfg = tiny_cfg(str(tmp_path), **{"SOLVER.WARMUP_ITERS": 0, "SOLVER.STEPS": [2]})
+    opt = build_optimizer(cfg, EngineTestNet())
+    sched = build_lr_scheduler(cfg, opt)
+    lrs = []
+    for _ in range(3):
+        lrs.append(max(g["lr"] for g in opt.param_groups))
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.01, 0.01, 0.001])
+
+
+def test_scale_config_linear_rule(tmp_path):
+    cfg = tiny_cfg(str(tmp_path), **{"SOLVER.REFERENCE_IMS_PER_BATCH": 16, "SOLVER.IMS_PER_BATCH": 4,
+                                      "SOLVER.MAX_ITER": 100, "SOLVER.STEPS": [80]})
+    out = scale_config(cfg, 1)
+    assert out.SOLVER.BASE_LR == pytest.approx(0.0025)
+    assert out.SOLVER.MAX_ITER == 400 and out.SOLVER.STEPS == [320]
+    assert scale_config(tiny_cfg(str(tmp_path)), 1).SOLVER.MAX_ITER == 12  # off by default
+
+
+def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
+    """A run killed with SIGKILL after checkpoint 4 and resumed gives the same losses 5..12."""
+    full = tmp_path / "full"
+    _train(full)
+    ref = losses_of(str(full))
+    assert sorted(ref) == list(range(1, 13))
+
+    killed = tmp_path / "killed"
+    script = (
+        "import os, signal, sys; sys.path.insert(0, sys.argv[1])\n"
+        "from test_engine_helpers import FakeDataTrainer, tiny_cfg\n"
+        "from surgdino.engine.trainer import HookBase\n"
+        "class Kill(HookBase):\n"
+        "    def after_step(self):\n"
+        "        if self.trainer.iter + 1 == 6: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "t = FakeDataTrainer(tiny_cfg(sys.argv[2]))\n"
+        "t.trainer.register_hooks([Kill()])\n"
+        "t.train()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, HERE, str(killed)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert os.path.isfile(killed / "model_0000004.pth") and not os.path.isfile(killed / "model_final.pth")
+
+    trainer = _train(killed, resume=True)
+    assert trainer.start_iter == 4
+    got = losses_of(str(killed))
+    assert sorted(got) == list(range(1, 13))  # lines after the checkpoint were replaced, not duplicated
+    for it in range(5, 13):
+        assert got[it] == pytest.approx(ref[it], abs=1e-6), it
+    a = read_checkpoint(str(full / "model_final.pth"))["model"]
+    b = read_checkpoint(str(killed / "model_final.pth"))["model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_corrupt_checkpoint_errors_and_resume_falls_back(tmp_path):
+    out = tmp_path / "run"
+    _train(out, **{"SOLVER.MAX_ITER": 9})
+    shutil.copy(out / "model_0000004.pth", out / "good.pth")
+    (out / "model_final.pth").unlink()
+    with open(out / "model_0000008.pth", "r+b") as f:  # truncated, as by a full disk
+        f.truncate(os.path.getsize(out / "model_0000008.pth") // 2)
+    (out / "last_checkpoint").write_text("model_0000008.pth")
+    with pytest.raises(CheckpointError, match="model_0000008.pth.*corrupt or truncated"):
+        load_weights(EngineTestNet(), str(out / "model_0000008.pth"))
+    ck = Checkpointer(EngineTestNet(), str(out))
+    state = ck.resume()
+    assert state is not None and state["iteration"] == 4 and state["path"].endswith("model_0000004.pth")
+
+
+def test_weights_only_skips_shape_mismatch(tmp_path, caplog):
+    src = EngineTestNet(num_classes=3)
+    torch.save({"model": src.state_dict(), "thing_classes": ["a", "b", "c"]}, tmp_path / "w.pth")
+    dst = EngineTestNet(num_classes=5)  # a bigger class head over a smaller checkpoint
+    head_before = dst.head.weight.clone()
+    import logging
+
+    logging.getLogger("surgdino").propagate = True
+    try:
+        with caplog.at_level("INFO", logger="surgdino"):
+            extra = load_weights(dst, str(tmp_path / "w.pth"))
+    finally:
+        logging.getLogger("surgdino").propagate = False
+    assert extra["thing_classes"] == ["a", "b", "c"]
+    assert torch.equal(dst.backbone[0].weight, src.backbone[0].weight)
+    assert torch.equal(dst.head.weight, head_before)
+    assert "shape mismatch" in caplog.text and "head.weight" in caplog.text
+    with pytest.raises(CheckpointError, match="not found"):
+        load_weights(dst, str(tmp_path / "missing.pth"))
+
+
+def test_nonfinite_loss_skips_steps_then_stops(tmp_path):
+    trainer = FakeDataTrainer(tiny_cfg(str(tmp_path), **{"SOLVER.MAX_NONFINITE_STEPS": 3}))
+    model = trainer.trainer.model
+    model.nan_at = 3  # forward 3 onwards: NaN box loss
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NonFiniteLossError, match="loss_box.*3 steps in a row"):
+        trainer.train()
+    assert trainer.trainer.iter == 4  # steps 3, 4, 5 (index 2..4) were skipped; the third one stops
+    after_two = model.state_dict()
+    assert any(not torch.equal(before[k], after_two[k]) for k in before)  # steps 1-2 did update
+    assert all(torch.isfinite(v).all() for v in after_two.values())
+
+
+def test_gradient_accumulation_equals_large_batch(tmp_path, monkeypatch):
+    monkeypatch.setenv("ENGINE_TEST_NO_NOISE", "1")
+    _train(tmp_path / "big", **{"SOLVER.MAX_ITER": 5})
+    _train(tmp_path / "acc", **{"SOLVER.MAX_ITER": 5, "SOLVER.ACCUMULATION_STEPS": 2})
+    big, acc = losses_of(str(tmp_path / "big")), losses_of(str(tmp_path / "acc"))
+    for it in range(1, 6):
+        assert acc[it] == pytest.approx(big[it], rel=1e-5, abs=1e-6)
