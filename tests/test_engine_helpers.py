@@ -171,3 +171,15 @@ def test_engine_test_net_loss_falls(tmp_path):
         loss.backward()
         opt.step()
     assert float(loss) < 0.5 * first
+
+
+def ddp_train_main(out_dir: str, max_iter: int) -> None:
+    """Run in each spawned process: train, then save this rank's final parameters for comparison."""
+    os.environ["ENGINE_TEST_NO_NOISE"] = "1"
+    cfg = tiny_cfg(out_dir, **{"SOLVER.MAX_ITER": max_iter})
+    trainer = FakeDataTrainer(cfg)
+    trainer.train()
+    from surgdino.engine.checkpointer import unwrap
+
+    state = {k: v.detach().clone() for k, v in unwrap(trainer.trainer.model).state_dict().items()}
+    torch.save(state, os.path.join(out_dir, f"params_rank{comm.get_rank()}.pt"))
