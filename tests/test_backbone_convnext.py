@@ -200,3 +200,15 @@ def test_errors(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     assert cli_main(["convert", "convnext", "--source", str(tmp_path / "junk.pth"), "--output", str(tmp_path / "o.pth")]) == 2
     assert not (tmp_path / "o.pth").exists()
+
+
+def test_grad_checkpointing_same_gradients():
+    torch.manual_seed(0)
+    plain = ConvNeXtBackbone(depths=DEPTHS, dims=DIMS, layer_scale_init_value=1.0).train()
+    ckpt = ConvNeXtBackbone(depths=DEPTHS, dims=DIMS, layer_scale_init_value=1.0, grad_checkpointing=True).train()
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 3, 32, 32)
+    for m in (plain, ckpt):
+        sum(v.square().mean() for v in m(x).values()).backward()
+    for (n, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=n)

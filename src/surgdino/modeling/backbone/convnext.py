@@ -47,6 +47,7 @@ class ConvNeXtBackbone(Backbone):
 
     ``freeze_at`` counts as in detectron2: 0 = nothing frozen, 1 = stem, 2 = stem + res2, ..., 5 = stem and all
     four stages. Frozen parts get ``requires_grad=False`` and always run in eval mode (no drop path).
+    ``grad_checkpointing`` trades compute for activation memory (same results and gradients).
     """
 
     def __init__(
@@ -58,6 +59,7 @@ class ConvNeXtBackbone(Backbone):
         layer_scale_init_value: float = 1e-6,
         out_features: Sequence[str] = STAGE_NAMES,
         freeze_at: int = 0,
+        grad_checkpointing: bool = False,
     ):
         super().__init__()
         if len(depths) != 4 or len(dims) != 4:
@@ -77,6 +79,8 @@ class ConvNeXtBackbone(Backbone):
         # stage i: [downsample (LayerNorm2d + conv 2x2 stride 2) for i > 0] + blocks; stages after the last
         # returned one are not built (no unused parameters under DDP)
         self.stages = net.stages[: self._out_idx[-1] + 1]
+        for stage in self.stages:  # recompute block activations in backward: less memory at high resolution
+            stage.grad_checkpointing = grad_checkpointing
         for i in self._out_idx:
             self.add_module(f"norm{i}", LayerNorm2d(self.dims[i], eps=1e-6))
         self.freeze_at = freeze_at
@@ -127,6 +131,7 @@ class ConvNeXtBackbone(Backbone):
             layer_scale_init_value=c.LAYER_SCALE_INIT_VALUE,
             out_features=list(c.OUT_FEATURES),
             freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
+            grad_checkpointing=bool(cfg.get("MODEL.CONVNEXT.GRAD_CHECKPOINTING", False)),
         )
 
 
