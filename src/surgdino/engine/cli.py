@@ -53,8 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("predict", help="draw predictions on images and write COCO results json",
                        description="Run MODEL.WEIGHTS on images; PNG drawings and coco_results.json in --output.")
-    p.add_argument("--input", required=True, help="an image, a folder of images, or a glob pattern (quoted)")
-    p.add_argument("--output", required=True, help="folder for the drawings and coco_results.json")
+    p.add_argument("--input", help="an image, a folder of images, or a glob pattern (quoted); required")
+    p.add_argument("--output", help="folder for the drawings and coco_results.json; required")
     p.add_argument("--score-threshold", type=float, default=0.5, help="draw and keep instances scoring at least this")
     add_config_arguments(p)
     p.set_defaults(func=lambda a: _predict(p, a))
@@ -114,6 +114,9 @@ def _predict(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from surgdino.engine.predictor import Predictor, list_images, predict_files
 
     _pull_options(parser, args)
+    missing = [f for f in ("input", "output") if not getattr(args, f)]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join('--' + m for m in missing)}")
     cfg = load_config(args.config_file, args.opts)
     paths = list_images(args.input)
     predictor = Predictor(cfg)

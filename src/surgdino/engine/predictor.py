@@ -92,7 +92,7 @@ def read_image(path: str) -> np.ndarray:
 
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))
     except OSError as e:
         raise DataError(f"{path}: cannot be read as an image ({e})") from None
 
