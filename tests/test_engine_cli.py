@@ -41,7 +41,7 @@ def data(tmp_path_factory):
 
 def test_cli_train_eval_predict(data, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--config-file", data["yaml"], "OUTPUT_DIR", str(out)]) == 0
+    assert main(["train", "--config-file", data["yaml"], "OUTPUT_DIR", str(out), "VIS_PERIOD", "10"]) == 0
     names = set(os.listdir(out))
     for f in ("config.yaml", "log.txt", "metrics.jsonl", "last_checkpoint", "model_0000010.pth",
               "model_final.pth", "model_best.pth", "total_loss.png"):

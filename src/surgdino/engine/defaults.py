@@ -251,6 +251,8 @@ class Trainer:
             hooks.append(H.EvalHook(cfg.TEST.EVAL_PERIOD, lambda: self.test(cfg, unwrap(self.trainer.model)),
                                     checkpointer=self.checkpointer, best_metric=cfg.TEST.BEST_METRIC,
                                     mode=cfg.TEST.BEST_MODE, on_results=on_results))
+        if cfg.VIS_PERIOD > 0:
+            hooks.append(H.VisualizationHook(cfg.VIS_PERIOD, out, self.thing_classes))
         hooks += [writer, plot]  # the writer runs after evaluation so the final line includes it
         return hooks
 

@@ -207,3 +207,53 @@ def plot_metrics(metrics_path: str, out_dir: str) -> list[str]:
         logger.warning("training curves not drawn: %s: %s", type(e).__name__, e)
         return []
     return list(paths or [])
+
+
+class VisualizationHook(HookBase):
+    """Every ``period`` iterations draw the model's predictions on the first image of the current
+    training batch beside its ground truth, into TensorBoard (``VIS_PERIOD``; rank 0)."""
+
+    def __init__(self, period: int, log_dir: str, class_names: list[str] | None = None,
+                 score_threshold: float = 0.3):
+        self.period = period
+        self.log_dir = log_dir
+        self.class_names = class_names or None
+        self.score_threshold = score_threshold
+        self._writer = None
+
+    def after_step(self) -> None:
+        done = self.trainer.iter + 1
+        batch = getattr(self.trainer, "last_batch", None)
+        if self.period <= 0 or done % self.period or not batch or not comm.is_main_process():
+            return
+        from surgdino.engine.checkpointer import unwrap
+        from surgdino.visualize import draw_instances
+
+        sample = batch[0]
+        h, w = sample["image"].shape[-2:]
+        model = unwrap(self.trainer.model)
+        with preserved_rng(), torch.no_grad():
+            model.eval()
+            try:
+                pred = model([{**sample, "height": h, "width": w}])[0]
+            finally:
+                model.train()
+        image = sample["image"].permute(1, 2, 0).cpu().numpy()  # [H, W, 3]
+        keep = pred["scores"].detach().cpu() >= self.score_threshold
+        drawn = draw_instances(image, pred["boxes"].detach().cpu()[keep], pred["masks"].detach().cpu()[keep],
+                               pred["labels"].detach().cpu()[keep], self.class_names,
+                               pred["scores"].detach().cpu()[keep])
+        inst = sample.get("instances") or {}
+        gt = draw_instances(image, inst.get("boxes", torch.zeros(0, 4)), inst.get("masks"),
+                            inst.get("classes", torch.zeros(0, dtype=torch.int64)), self.class_names)
+        both = np.concatenate([gt, drawn], axis=1)  # [H, 2W, 3]: ground truth | predictions
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(self.log_dir)
+        self._writer.add_image("train/gt_vs_pred", both, done, dataformats="HWC")
+        self._writer.flush()
+
+    def after_train(self) -> None:
+        if self._writer is not None:
+            self._writer.close()

@@ -121,6 +121,7 @@ class SimpleTrainer(TrainerBase):
         self.max_nonfinite_steps = max_nonfinite_steps
         self.nonfinite_in_a_row = 0
         self.last_losses: dict[str, float] = {}
+        self.last_batch: list[dict[str, Any]] = []
 
     @property
     def data_iter(self):
@@ -144,6 +145,7 @@ class SimpleTrainer(TrainerBase):
             t0 = time.perf_counter()
             chunk = next(self.data_iter)
             data_time += time.perf_counter() - t0
+            self.last_batch = chunk
             last = i == self.accumulation_steps - 1
             sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
             with sync:
