@@ -123,7 +123,11 @@ class SurgeryCLIPBackbone(Backbone):
                    out_channels=c.OUT_CHANNELS)
 
     def set_trainable_blocks(self, k: int) -> None:
-        """0: CLIP frozen; -1: all trainable; K: last K blocks (and ln_post/proj for projected features). Pyramid always trains."""
+        """0: CLIP frozen; -1: all trainable; K: last K blocks (and ln_post/proj for projected features).
+
+        The pyramid always trains. With surgery, the last block's FFN (ln_2, mlp) only feeds the CLS token,
+        which a backbone drops, so it is never run and stays frozen.
+        """
         blocks = self.visual.transformer.resblocks
         if not -1 <= k <= len(blocks):
             raise ConfigError(f"MODEL.SURGERYCLIP.TRAINABLE_BLOCKS = {k} is outside -1..{len(blocks)} "
@@ -135,6 +139,12 @@ class SurgeryCLIPBackbone(Backbone):
             if self.features == "projected":
                 self.visual.ln_post.requires_grad_(True)
                 self.visual.proj.requires_grad_(True)
+        if self.visual.surgery_depth > 0:
+            blocks[-1].ln_2.requires_grad_(False)
+            blocks[-1].mlp.requires_grad_(False)
+        if self.features == "width":
+            self.visual.ln_post.requires_grad_(False)  # unused by width features
+            self.visual.proj.requires_grad_(False)
         self.trainable_blocks = k
 
     def output_shape(self) -> dict[str, ShapeSpec]:
@@ -162,10 +172,10 @@ class SurgeryCLIPBackbone(Backbone):
             x = x.masked_fill(mask[:, None], 0.0)  # padding = 0 after normalisation, as for an image alone
             token_mask = self.token_mask(mask)
             gh, gw = token_mask.shape[-2:]
-        tokens = self.visual.forward_tokens(x, token_mask if mask is not None else None)  # [B, 1+N, width]
+        tokens = self.visual.patch_tokens(x, token_mask if mask is not None else None)  # [B, N, width]
         if self.features == "projected":
-            tokens = self.visual.project(tokens)  # [B, 1+N, output_dim]
-        fmap = tokens[:, 1:].transpose(1, 2).reshape(b, -1, gh, gw)  # [B, D, h, w]
+            tokens = self.visual.project(tokens)  # [B, N, output_dim]
+        fmap = tokens.transpose(1, 2).reshape(b, -1, gh, gw)  # [B, D, h, w]
         if self.pyramid is None:
             return [(fmap, token_mask)]
         return self.pyramid(fmap, token_mask)

@@ -54,17 +54,23 @@ class Attention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
-                surgery: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Return (q–k attention output, v–v attention output or None), both after ``out_proj``."""
+                surgery: bool = False, vv_only: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Return (q–k attention output, v–v attention output), each after ``out_proj`` or None when not asked for."""
         b, n, c = x.shape
+        if vv_only:  # only the surgery path: project v alone
+            v = F.linear(x, self.in_proj_weight[2 * c:], self.in_proj_bias[2 * c:])  # [B, N, C]
+            return None, self._vv(v.view(b, n, self.heads, c // self.heads).transpose(1, 2), attn_mask)
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, N, 3C]
         q, k, v = qkv.view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)  # 3 × [B, h, N, C/h]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # [B, h, N, C/h]
         out = self.out_proj(out.transpose(1, 2).reshape(b, n, c))  # [B, N, C]
-        if not surgery:
-            return out, None
+        return out, (self._vv(v, attn_mask) if surgery else None)
+
+    def _vv(self, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """softmax(v·vᵀ/√d)·v per head, then ``out_proj``: ``[B, h, N, C/h] → [B, N, C]``."""
+        b, h, n, d = v.shape
         vv = F.scaled_dot_product_attention(v, v, v, attn_mask=attn_mask)  # [B, h, N, C/h]
-        return out, self.out_proj(vv.transpose(1, 2).reshape(b, n, c))  # [B, N, C]
+        return self.out_proj(vv.transpose(1, 2).reshape(b, n, h * d))
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -80,11 +86,18 @@ class ResidualAttentionBlock(nn.Module):
         self.surgery = False
 
     def forward(self, x: torch.Tensor, surgery_x: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(original stream, surgery stream) → both after this block; the surgery stream skips the FFN."""
-        attn_out, vv_out = self.attn(self.ln_1(x), attn_mask=attn_mask, is_causal=is_causal, surgery=self.surgery)
+                is_causal: bool = False, vv_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(original stream, surgery stream) → both after this block; the surgery stream skips the FFN.
+
+        ``vv_only`` computes the surgery stream alone (the original stream is returned unchanged): for the
+        last block when only patch tokens are wanted, as its original stream then feeds nothing but CLS.
+        """
+        attn_out, vv_out = self.attn(self.ln_1(x), attn_mask=attn_mask, is_causal=is_causal, surgery=self.surgery,
+                                     vv_only=vv_only and self.surgery)
         if vv_out is not None:
             surgery_x = (x if surgery_x is None else surgery_x) + vv_out
+        if attn_out is None:
+            return x, surgery_x
         x = x + attn_out
         x = x + self.mlp(self.ln_2(x))
         return x, surgery_x
@@ -97,11 +110,13 @@ class Transformer(nn.Module):
         super().__init__()
         self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, mlp_width, act) for _ in range(layers))
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                need_final: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(original stream, surgery stream or None); ``need_final=False`` may skip the last block's original stream."""
         surgery_x = None
-        for block in self.resblocks:
-            x, surgery_x = block(x, surgery_x, attn_mask=attn_mask, is_causal=is_causal)
+        last = len(self.resblocks) - 1
+        for i, block in enumerate(self.resblocks):
+            x, surgery_x = block(x, surgery_x, attn_mask=attn_mask, is_causal=is_causal, vv_only=not need_final and i == last)
         return x, surgery_x
 
 
@@ -178,8 +193,21 @@ class VisionTransformer(nn.Module):
     def forward_tokens(self, images: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens before ``ln_post``: ``[B, 1+N, width]``; CLS from the original stream, patches from the surgery stream.
 
-        ``token_mask [B, gh, gw]`` (True = padding) keeps padded tokens out of attention.
+        Images are CLIP-normalised ``[B, 3, H, W]``; ``token_mask [B, h, w]`` (True = padding) keeps padded tokens
+        out of attention, and each image's valid region gets position embeddings sized to it.
         """
+        x, surgery_x = self._run(images, token_mask, need_cls=True)
+        if surgery_x is None:
+            return x
+        return torch.cat([x[:, :1], surgery_x[:, 1:]], dim=1)  # [B, 1+N, C]
+
+    def patch_tokens(self, images: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch tokens only, ``[B, N, width]`` (row-major over the token grid), skipping work that only feeds CLS."""
+        x, surgery_x = self._run(images, token_mask, need_cls=False)
+        return (x if surgery_x is None else surgery_x)[:, 1:]
+
+    def _run(self, images: torch.Tensor, token_mask: torch.Tensor | None,
+             need_cls: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, _, h, w = images.shape
         gh, gw = self.token_grid(h, w)
         if (gh * self.patch_size, gw * self.patch_size) != (h, w):
@@ -197,10 +225,7 @@ class VisionTransformer(nn.Module):
             attn_mask = keys[:, None, None, :]  # [B, 1, 1, 1+N], True = attend
         x = torch.cat([cls, x], dim=1) + self._batch_pos(gh, gw, sizes).to(x.dtype)  # [B, 1+N, C]
         x = self.ln_pre(x)
-        x, surgery_x = self.transformer(x, attn_mask=attn_mask)
-        if surgery_x is None:
-            return x
-        return torch.cat([x[:, :1], surgery_x[:, 1:]], dim=1)  # [B, 1+N, C]
+        return self.transformer(x, attn_mask=attn_mask, need_final=need_cls or self.surgery_depth == 0)
 
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
         """``ln_post`` then ``proj``: ``[..., width] → [..., output_dim]``."""
