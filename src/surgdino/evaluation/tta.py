@@ -6,7 +6,8 @@ input's ``height``/``width`` are passed through), flipped views are flipped back
 detections are merged per class, greedily by score:
 
 - a detection whose mask IoU with a higher-scoring kept one (same class) is ``>= merge_iou``
-  joins that one's cluster (IoU on masks downsampled to at most ``iou_size`` pixels a side);
+  joins that one's cluster (IoU of masks block-averaged to at most ~``iou_size`` pixels a side,
+  computed by a matmul within each class);
 - a cluster's mask is the score-weighted vote of its members' masks (``> 0.5``), its box the box
   of that mask (the score-weighted mean box if the vote is empty);
 - its score (``score_merge``): ``"vote"`` (default) sums, over views, the best member score from
@@ -15,8 +16,10 @@ detections are merged per class, greedily by score:
   cluster's maximum or mean member score;
 - a cluster of one is kept unchanged (its own mask, box and score, except for ``"vote"``).
 
-Then the top ``detections_per_image`` by score are returned. With one view (one size, no flip)
-the model's own output is returned unchanged.
+Then the top ``detections_per_image`` by merged score are returned, best first. With one view
+(one size, no flip) the model's own output is returned unchanged. Memory: all views' masks of an
+image are held at original resolution together (views x detections x H x W bytes), so on CPU keep
+few scales or fewer detections per image.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
@@ -51,68 +53,97 @@ def hflip_instances(result: dict[str, torch.Tensor], width: int) -> dict[str, to
     return out
 
 
-def mask_iou(masks: torch.Tensor, iou_size: int = 256) -> torch.Tensor:
-    """Pairwise IoU ``[N, N]`` of ``[N, H, W]`` masks via one matmul (area-downsampled when larger than iou_size)."""
-    m = masks.float()[:, None]  # [N, 1, H, W]
-    h, w = m.shape[-2:]
-    if max(h, w) > iou_size:
-        s = iou_size / max(h, w)
-        m = F.interpolate(m, size=(max(1, round(h * s)), max(1, round(w * s))), mode="area")
-    m = m.flatten(1)  # [N, h*w] soft masks
+def downsample_masks(masks: torch.Tensor, max_side: int = 256) -> torch.Tensor:
+    """``[N, H, W]`` bool masks as ``[N, h*w]`` pixel-block averages, h and w at most about ``max_side``.
+
+    Block sums are taken in integer arithmetic on a zero-copy uint8 view, so the full-resolution
+    masks are read once and never converted to float (the cost of TTA merging on CPU).
+    """
+    n, h, w = masks.shape
+    f = max(1, -(-max(h, w) // max_side))  # block size: ceil(max side / max_side)
+    if f == 1:
+        return masks.float().flatten(1)  # [N, H*W]
+    hb, wb = max(1, h // f), max(1, w // f)
+    fy, fx = min(f, h), min(f, w)
+    u = masks[:, : hb * fy, : wb * fx].contiguous().view(torch.uint8)  # [N, hb*fy, wb*fx]; trailing rows dropped
+    u = u.reshape(n, hb * fy, wb, fx).sum(-1, dtype=torch.int16)  # [N, hb*fy, wb]
+    u = u.reshape(n, hb, fy, wb).sum(2, dtype=torch.int32)  # [N, hb, wb]
+    return (u.float() / (fy * fx)).flatten(1)  # [N, hb*wb]
+
+
+def soft_iou(m: torch.Tensor) -> torch.Tensor:
+    """Pairwise IoU ``[N, N]`` of ``[N, P]`` (soft) masks via one matmul."""
     inter = m @ m.T  # [N, N]
     area = m.sum(1)
     union = area[:, None] + area[None, :] - inter
     return inter / union.clamp(min=1e-6)
 
 
-def _mask_box(mask: torch.Tensor) -> torch.Tensor:
-    """xyxy box [4] (pixel edges) of a non-empty [H, W] bool mask."""
+def mask_iou(masks: torch.Tensor, iou_size: int = 256) -> torch.Tensor:
+    """Pairwise IoU ``[N, N]`` of ``[N, H, W]`` masks (block-averaged when a side exceeds ``iou_size``)."""
+    return soft_iou(downsample_masks(masks, iou_size))
+
+
+def _mask_box(mask: torch.Tensor) -> torch.Tensor | None:
+    """xyxy box [4] (pixel edges) of an [H, W] bool mask; None when it is empty."""
     ys = torch.nonzero(mask.any(1)).flatten()
+    if ys.numel() == 0:
+        return None
     xs = torch.nonzero(mask.any(0)).flatten()
     return torch.stack([xs[0], ys[0], xs[-1] + 1, ys[-1] + 1]).float()
 
 
 def merge_detections(boxes: torch.Tensor, masks: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
                      views: torch.Tensor, num_views: int, merge_iou: float = 0.7, score_merge: str = "vote",
-                     iou_size: int = 256) -> dict[str, torch.Tensor]:
-    """Merge detections from several views of one image (see the module doc). ``views`` [N]: the view of each."""
-    order = scores.argsort(descending=True)
-    boxes, masks, scores, labels, views = boxes[order], masks[order], scores[order], labels[order], views[order]
+                     iou_size: int = 256, max_dets: int | None = None) -> dict[str, torch.Tensor]:
+    """Merge detections from several views of one image (see the module doc), best ``max_dets`` first.
+
+    ``boxes`` [N, 4] xyxy, ``masks`` [N, H, W] bool, ``scores`` [N], ``labels`` [N], ``views`` [N] (view of each).
+    """
     n = scores.numel()
-    same = (labels[:, None] == labels[None, :]) & (mask_iou(masks, iou_size) >= merge_iou)  # [N, N]
+    small = downsample_masks(masks, iou_size)  # [N, P]
+    same = torch.zeros(n, n, dtype=torch.bool, device=scores.device)  # [N, N]: same class and IoU >= merge_iou
+    for c in labels.unique():
+        idx = torch.nonzero(labels == c).flatten()
+        same[idx[:, None], idx[None, :]] = soft_iou(small[idx]) >= merge_iou
     same.fill_diagonal_(True)  # a detection always belongs to its own cluster (even with an empty mask)
     free = torch.ones(n, dtype=torch.bool, device=scores.device)
-    out_b, out_m, out_s = [], [], []
-    keep_labels = []
-    for i in range(n):
+    clusters, merged_scores = [], []
+    for i in scores.argsort(descending=True).tolist():  # greedy, highest score first
         if not free[i]:
             continue
-        members = torch.nonzero(same[i] & free).flatten()  # [M], starts with i
+        members = torch.nonzero(same[i] & free).flatten()  # [M], i among them
+        members = torch.cat([members.new_tensor([i]), members[members != i]])  # the cluster's best first
         free[members] = False
         s = scores[members]
         if score_merge == "vote":
             best = torch.zeros(num_views, dtype=s.dtype, device=s.device).scatter_reduce(
                 0, views[members], s, reduce="amax")  # [V]
-            score = best.sum() / num_views
+            merged_scores.append(best.sum() / num_views)
         else:
-            score = s.max() if score_merge == "max" else s.mean()
-        if members.numel() == 1:
-            box, mask = boxes[i], masks[i]
-        else:
-            w = (s / s.sum().clamp(min=1e-12)).to(torch.float32)
+            merged_scores.append(s.max() if score_merge == "max" else s.mean())
+        clusters.append(members)
+    if not clusters:
+        return {"boxes": boxes[:0], "masks": masks[:0], "scores": scores[:0], "labels": labels[:0]}
+    merged = torch.stack(merged_scores)  # [C]
+    keep = merged.argsort(descending=True)[:max_dets].tolist()  # highest merged score first
+    out_b, out_m = [], []
+    for k in keep:  # masks and boxes only for the clusters that are returned
+        members = clusters[k]
+        i = int(members[0])
+        box, mask = boxes[i].float(), masks[i]
+        if members.numel() > 1:
+            s = scores[members]
+            w = (s / s.sum().clamp(min=1e-12)).to(torch.float32)  # [M]
             vote = torch.einsum("k,khw->hw", w, masks[members].float())  # [H, W]
             mask = vote > 0.5
-            box = _mask_box(mask) if mask.any() else (w[:, None] * boxes[members].float()).sum(0)
-        out_b.append(box.float())
+            box = _mask_box(mask)
+            if box is None:  # the vote is empty: fall back to the score-weighted mean box
+                box = (w[:, None] * boxes[members].float()).sum(0)
+        out_b.append(box)
         out_m.append(mask)
-        out_s.append(score)
-        keep_labels.append(labels[i])
-    if not out_s:
-        return {"boxes": boxes[:0], "masks": masks[:0], "scores": scores[:0], "labels": labels[:0]}
-    merged_scores = torch.stack(out_s)
-    order = merged_scores.argsort(descending=True)  # highest merged score first
-    return {"boxes": torch.stack(out_b)[order], "masks": torch.stack(out_m)[order], "scores": merged_scores[order],
-            "labels": torch.stack(keep_labels)[order]}
+    first = torch.stack([clusters[k][0] for k in keep])
+    return {"boxes": torch.stack(out_b), "masks": torch.stack(out_m), "scores": merged[keep], "labels": labels[first]}
 
 
 class InstanceTTA(nn.Module):
@@ -184,7 +215,7 @@ class InstanceTTA(nn.Module):
                     torch.cat([d["boxes"] for d in dets]), torch.cat([d["masks"].bool() for d in dets]),
                     torch.cat([d["scores"] for d in dets]), torch.cat([d["labels"] for d in dets]),
                     view_ids.to(dets[0]["scores"].device), len(views), self.merge_iou, self.score_merge,
-                    self.iou_size)
+                    self.iou_size, max_dets=self.detections_per_image)
             if merged["scores"].numel() > k:
                 top = merged["scores"].topk(k).indices
                 merged = {key: v[top] if isinstance(v, torch.Tensor) and v.shape[:1] == merged["scores"].shape
