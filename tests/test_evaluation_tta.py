@@ -144,3 +144,13 @@ def test_from_config():
                              "TEST.DETECTIONS_PER_IMAGE", "300"])
     tta = InstanceTTA.from_config(cfg, nn.Identity())
     assert tta.views() == [(32, False), (64, False)] and tta.detections_per_image == 300
+
+
+def test_no_detections_in_any_view():
+    class Empty(nn.Module):
+        def forward(self, batch):
+            return [{"boxes": torch.zeros(0, 4), "masks": torch.zeros(0, d["height"], d["width"], dtype=torch.bool),
+                     "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)} for d in batch]
+
+    (out,) = InstanceTTA(Empty(), [20, 40], 100)([tray()])
+    assert out["masks"].shape == (0, 40, 60) and out["boxes"].shape == (0, 4) and out["labels"].numel() == 0
