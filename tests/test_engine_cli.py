@@ -63,6 +63,11 @@ def test_cli_train_eval_predict(data, tmp_path, capsys):
     assert "AP50" in printed and "Per-class segm AP" in printed
     assert json.loads((tmp_path / "ev" / "inference" / "engcli_val" / "results.json").read_text())["segm"]
 
+    assert main(["train", "--config-file", data["yaml"], "--eval-only", "OUTPUT_DIR", str(tmp_path / "tta"),
+                 "MODEL.WEIGHTS", str(out / "model_final.pth"), "TEST.AUG.ENABLED", "True",
+                 "TEST.AUG.MIN_SIZES", "[48, 64]", "TEST.AUG.MAX_SIZE", "100"]) == 0
+    assert "test-time augmentation" in (tmp_path / "tta" / "log.txt").read_text()
+
     pred = tmp_path / "pred"
     assert main(["predict", "--config-file", data["yaml"], "MODEL.WEIGHTS", str(out / "model_final.pth"),
                  "--input", data["val_dir"], "--output", str(pred), "--score-threshold", "0"]) == 0

@@ -185,7 +185,7 @@ class Trainer:
         if world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False,
-                                                        find_unused_parameters=False)
+                                                        find_unused_parameters=cfg.MODEL.DDP_FIND_UNUSED_PARAMETERS)
         data = self.build_train_loader(cfg, seed=self.seed, start_iter=self.start_iter)
         clip = cfg.SOLVER.CLIP_GRADIENTS
         self.trainer = SimpleTrainer(

@@ -138,9 +138,10 @@ class SimpleTrainer(TrainerBase):
         assert self.model.training, "model must be in train mode"
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
-        bad_terms: list[str] = []
+        local_bad: set[str] = set()
         data_time = 0.0
         weight = 1.0 / self.accumulation_steps
+        device = None
         for i in range(self.accumulation_steps):
             t0 = time.perf_counter()
             chunk = next(self.data_iter)
@@ -152,12 +153,10 @@ class SimpleTrainer(TrainerBase):
                 with self._autocast():
                     loss_dict = self.model(chunk)
                 losses = sum(loss_dict.values())
-                local_bad = [k for k, v in loss_dict.items() if not torch.isfinite(v).all()]
-                if _any_rank(bool(local_bad), losses.device):
-                    bad_terms = sorted({t for terms in comm.all_gather(local_bad) for t in terms}) or ["loss"]
-                    for _ in range(i + 1, self.accumulation_steps):  # keep the data stream in step
-                        next(self.data_iter)
-                    break
+                device = losses.device
+                local_bad.update(k for k, v in loss_dict.items() if not torch.isfinite(v).all())
+                # Backward even on a non-finite loss (its gradients are discarded below): every DDP
+                # process must take part in the gradient all-reduce.
                 loss = losses * weight
                 if self.scaler is not None:
                     self.scaler.scale(loss).backward()
@@ -165,6 +164,9 @@ class SimpleTrainer(TrainerBase):
                     loss.backward()
             for k, v in loss_dict.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach()) * weight
+        bad_terms: list[str] = []
+        if _any_rank(bool(local_bad), device):
+            bad_terms = sorted({t for terms in comm.all_gather(sorted(local_bad)) for t in terms}) or ["loss"]
 
         if bad_terms:
             self._skip(bad_terms)

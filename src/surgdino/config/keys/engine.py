@@ -11,6 +11,8 @@ d("VERSION", 2, "int", "Config format version (detectron2 compatibility; unused)
 d("MODEL.META_ARCHITECTURE", "MaskDINO", "str", "Meta-architecture from the registry: MaskDINO (DI-MaskDINO is chosen by the decoder name).")
 d("MODEL.WEIGHTS", "", "str", "Weights to initialise from (weights only; shape mismatches are skipped with a log line).")
 d("MODEL.DEVICE", "auto", "str", "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
+d("MODEL.DDP_FIND_UNUSED_PARAMETERS", True, "bool",
+  "DistributedDataParallel looks for parameters without gradient each step (needed when a branch, e.g. denoising, is skipped; off is faster).")
 d("MODEL.PIXEL_MEAN", [123.675, 116.28, 103.53], "list[float]", "Per-channel mean of RGB pixels in 0..255, subtracted before the backbone.")
 d("MODEL.PIXEL_STD", [58.395, 57.12, 57.375], "list[float]", "Per-channel std of RGB pixels in 0..255, divided before the backbone.")
 d("MODEL.MASK_ON", True, "bool", "Predict instance masks (always on for MaskDINO; kept for detectron2 configs).")
