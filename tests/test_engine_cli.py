@@ -103,7 +103,7 @@ def _bad(args, capsys):
 
 
 @pytest.mark.parametrize("case", ["missing_config", "unknown_key", "missing_weights", "eval_no_weights",
-                                  "empty_dataset", "predict_no_images", "bad_device"])
+                                  "empty_dataset", "predict_no_images", "bad_device", "bad_num_gpus"])
 def test_cli_bad_arguments_one_line_exit_2(case, data, tmp_path, capsys):
     y = data["yaml"]
     out = ["OUTPUT_DIR", str(tmp_path / "o")]
@@ -127,6 +127,8 @@ def test_cli_bad_arguments_one_line_exit_2(case, data, tmp_path, capsys):
         args = ["predict", "--config-file", y, "MODEL.WEIGHTS", "x.pth", "--input", str(tmp_path / "*.png"),
                 "--output", str(tmp_path / "p")]
         expect = "no images found"
+    elif case == "bad_num_gpus":
+        args, expect = ["train", "--config-file", y, *out, "--num-gpus", "0"], "--num-gpus 0"
     else:
         args, expect = ["train", "--config-file", y, *out, "MODEL.DEVICE", "cuda:7"], "MODEL.DEVICE"
         import torch

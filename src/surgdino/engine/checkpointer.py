@@ -233,7 +233,10 @@ class Checkpointer:
         if self.optimizer is not None and "optimizer" in obj:
             self.optimizer.load_state_dict(obj["optimizer"])
         if self.scheduler is not None and "scheduler" in obj:
-            self.scheduler.load_state_dict(obj["scheduler"])
+            state = dict(obj["scheduler"])
+            if "lr_lambdas" in state:  # the schedule's shape comes from the current config (MAX_ITER may grow)
+                state["lr_lambdas"] = [None] * len(state["lr_lambdas"])
+            self.scheduler.load_state_dict(state)
         if self.scaler is not None and "scaler" in obj:
             self.scaler.load_state_dict(obj["scaler"])
         rng = obj.get("rng")

@@ -64,12 +64,13 @@ class Predictor:
         return image if tuple(size) == (h, w) else F.resize(image, list(size), antialias=True)
 
     @torch.no_grad()
-    def __call__(self, image: np.ndarray, image_id: int = 0) -> dict[str, Any]:
+    def __call__(self, image: np.ndarray, image_id: int = 0, file_name: str = "") -> dict[str, Any]:
         h, w = image.shape[:2]
         tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # [3, H, W] uint8
         if self.cfg.INPUT.FORMAT == "BGR":
             tensor = tensor.flip(0)
-        inputs = [{"image": self._resize(tensor), "height": h, "width": w, "image_id": image_id}]
+        inputs = [{"image": self._resize(tensor), "height": h, "width": w, "image_id": image_id,
+                   "file_name": file_name}]
         return self.model(inputs)[0]
 
 
@@ -113,7 +114,7 @@ def predict_files(predictor: Predictor, paths: list[str], output_dir: str, *,
     used: set[str] = set()
     for image_id, path in enumerate(tqdm(paths, desc="predict", unit="img", dynamic_ncols=True)):
         image = read_image(path)
-        out = predictor(image, image_id)
+        out = predictor(image, image_id, path)
         keep = torch.as_tensor(out["scores"]).detach().cpu() >= score_threshold
         out = {k: (v.detach().cpu()[keep] if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
         results += instances_to_coco_results(out, image_id, predictor.contiguous_to_dataset_id)
