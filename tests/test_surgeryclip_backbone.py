@@ -52,6 +52,8 @@ def test_nested_tensor_masks_and_batch_independence(ckpt):
     with torch.no_grad():
         alone = bb(NestedTensor(small[None], torch.zeros(1, 27, 20, dtype=torch.bool)))["0"].tensors
         big_alone = bb(big[None])["res3"]
+        small_by_mask = bb(batch_images([big, small]).tensors, mask=batch_images([big, small]).mask)["res3"]
+    torch.testing.assert_close(small_by_mask, feats)
     torch.testing.assert_close(feats[1][:, :4, :3], alone[0], rtol=1e-4, atol=1e-5)  # padding does not leak in
     torch.testing.assert_close(feats[0], big_alone[0], rtol=1e-4, atol=1e-5)
 

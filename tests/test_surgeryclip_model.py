@@ -209,6 +209,19 @@ def test_bad_checkpoints_are_named(tmp_path):
         SurgeryCLIP.from_checkpoint(tmp_path / "junk.pt")
 
 
+def test_text_errors(ckpt, monkeypatch):
+    model = SurgeryCLIP.from_checkpoint(ckpt, surgery_depth=0)
+
+    def no_vocab(*args, **kwargs):
+        raise FileNotFoundError("bpe_simple_vocab_16e6.txt.gz")
+
+    monkeypatch.setattr(open_clip, "tokenize", no_vocab)
+    with pytest.raises(SurgDinoError, match="BPE vocabulary"):
+        model.encode_text(["scissors"])
+    with pytest.raises(SurgDinoError, match="no text tower"):
+        SurgeryCLIP.from_checkpoint(ckpt, text=False, surgery_depth=0).encode_text(torch.zeros(1, 77, dtype=torch.long))
+
+
 def test_bad_surgery_depth(ckpt):
     with pytest.raises(SurgDinoError, match="SURGERY_DEPTH"):
         SurgeryCLIP.from_checkpoint(ckpt, surgery_depth=LAYERS + 1)

@@ -180,15 +180,17 @@ class SurgeryCLIPBackbone(Backbone):
             return [(fmap, token_mask)]
         return self.pyramid(fmap, token_mask)
 
-    def forward(self, x: torch.Tensor | NestedTensor) -> dict[str, torch.Tensor] | dict[str, NestedTensor]:
-        """``images [B,3,H,W]`` → ``{name: [B, C, h, w]}``; ``NestedTensor`` → ``{"0": NestedTensor(map, mask)}, …``."""
+    def forward(self, x: torch.Tensor | NestedTensor,
+                mask: torch.Tensor | None = None) -> dict[str, torch.Tensor] | dict[str, NestedTensor]:
+        """``images [B,3,H,W]`` (optional pixel ``mask [B,H,W]``, True = padding) → ``{name: [B, C, h, w]}``;
+        ``NestedTensor`` → ``{"0": NestedTensor(map, token mask), …}`` (GroundingDINO's interface)."""
         if isinstance(x, NestedTensor):
             images, mask = x.decompose()
             return {str(i): NestedTensor(f, m) for i, (f, m) in enumerate(self._maps(images, mask))}
         if not torch.is_tensor(x) or x.dim() != 4 or x.shape[1] != 3:
             raise SurgDinoError(f"SurgeryCLIPBackbone expects images [B, 3, H, W] or a NestedTensor, got "
                                 f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
-        return {name: f for name, (f, _) in zip(self._shapes, self._maps(x, None))}
+        return {name: f for name, (f, _) in zip(self._shapes, self._maps(x, mask))}
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:

@@ -220,7 +220,7 @@ class VisionTransformer(nn.Module):
             valid = ~token_mask  # [B, gh, gw]
             rows = valid.any(2).flip(1).to(torch.int8).argmax(1)  # trailing padded rows
             cols = valid.any(1).flip(1).to(torch.int8).argmax(1)
-            sizes = [(gh - int(r), gw - int(c)) for r, c in zip(rows, cols)]
+            sizes = [(max(gh - int(r), 1), max(gw - int(c), 1)) for r, c in zip(rows, cols)]
             keys = torch.cat([valid.new_ones(b, 1), valid.flatten(1)], dim=1)  # [B, 1+N]
             attn_mask = keys[:, None, None, :]  # [B, 1, 1, 1+N], True = attend
         x = torch.cat([cls, x], dim=1) + self._batch_pos(gh, gw, sizes).to(x.dtype)  # [B, 1+N, C]
