@@ -136,10 +136,13 @@ def _rasterise(packed, angle: float, cx: float, cy: float, length: float, mirror
 
 
 def _shade(height: np.ndarray, mat_px: np.ndarray, py: np.ndarray, px: np.ndarray,
-           scene: _Scene, cls: InstrumentClass, angle: float, v: np.ndarray, blur: float,
-           rng: np.random.Generator) -> np.ndarray:
-    """Metallic colour [P, 3] of the covered pixels (py, px) of a crop: bevel normals from the blurred
-    silhouette ``height`` (covered pixels are never on the crop border), diffuse + specular light, brushed streaks along the length."""
+           scene: _Scene, cls: InstrumentClass, angle: float, u: np.ndarray, v: np.ndarray, length: float,
+           blur: float, rng: np.random.Generator) -> np.ndarray:
+    """Metallic colour [P, 3] of the covered pixels (py, px) of a crop.
+
+    Bevel normals from the blurred silhouette ``height`` (covered pixels are never on the crop border),
+    diffuse + specular light, brushed streaks along the length (``v`` = across, ``u`` = along) and slow
+    reflections of the room that vary along the instrument."""
     gx = 0.5 * (height[py, px + 1] - height[py, px - 1])
     gy = 0.5 * (height[py + 1, px] - height[py - 1, px])
     k = 2.5 * blur
@@ -159,7 +162,8 @@ def _shade(height: np.ndarray, mat_px: np.ndarray, py: np.ndarray, px: np.ndarra
     table[DARK] = steel * 0.4
     table[HANDLE] = steel if cls.handle == "steel" else np.array(_HANDLE_RGB[cls.handle], np.float32) * rng.uniform(0.9, 1.1)
     specs = np.array([0, 1.0, _HANDLE_SPEC[cls.handle], 1.2, 0.4], np.float32)
-    lit = (0.5 + 0.6 * diffuse) * streak
+    period, phase, depth = rng.uniform(0.3, 1.0) * length, rng.uniform(0, 2 * np.pi), rng.uniform(0.05, 0.2)
+    lit = (0.5 + 0.6 * diffuse) * streak * (1 + depth * np.sin(u * (2 * np.pi / period) + phase))
     return table[mat_px] * lit[:, None] + (255 * 0.9 * specs[mat_px] * spec)[:, None]  # [P, 3]
 
 
@@ -192,6 +196,7 @@ def render_tray(rng: np.random.Generator, height: int, width: int, num_classes: 
     drawn = []  # (index, category, full_area, (y0, y1, x0, x1) clipped box)
     aligned = rng.random() < 0.5
     main_angle = rng.uniform(0, np.pi)
+    piles = rng.uniform(0.2, 0.8, (int(rng.integers(1, 4)), 2)) * (w, h)  # instruments heap up around these
     sdx, sdy = int(scene.shadow[0]), int(scene.shadow[1])
     for k in range(int(num_instances)):
         cat = int(rng.integers(num_classes))
@@ -204,6 +209,9 @@ def render_tray(rng: np.random.Generator, height: int, width: int, num_classes: 
         else:
             angle = rng.uniform(0, 2 * np.pi)
         cx, cy = rng.uniform(0.05, 0.95) * w, rng.uniform(0.05, 0.95) * h
+        if rng.random() < 0.5:
+            px_, py_ = piles[rng.integers(len(piles))] + rng.normal(0, 0.12, 2) * (w, h)
+            cx, cy = float(np.clip(px_, 0.05 * w, 0.95 * w)), float(np.clip(py_, 0.05 * h, 0.95 * h))
         alpha, mat, x0, y0 = _rasterise(packed, angle, cx, cy, length, bool(rng.random() < 0.5), scene.pad)
         solid = alpha >= 0.5
         full_area = int(solid.sum())
@@ -220,9 +228,9 @@ def render_tray(rng: np.random.Generator, height: int, width: int, num_classes: 
         img[flat] *= (1.0 - scene.shadow_strength * shadow[sy, sx])[:, None]
         py, px = np.nonzero(alpha[sl] > 0)
         py, px = py + (iy0 - y0), px + (ix0 - x0)  # crop coordinates
-        v = -np.sin(angle) * (px + x0 - cx) + np.cos(angle) * (py + y0 - cy)  # across-instrument coordinate
-        colour = _shade(height_map, mat[py, px], py, px, scene, cls,
-                        angle, v, blur, rng)
+        dx, dy = px + x0 - cx, py + y0 - cy
+        u, v = np.cos(angle) * dx + np.sin(angle) * dy, -np.sin(angle) * dx + np.cos(angle) * dy  # along, across
+        colour = _shade(height_map, mat[py, px], py, px, scene, cls, angle, u, v, length, blur, rng)
         a = alpha[py, px][:, None]
         flat = (py + y0) * w + (px + x0)
         img[flat] = img[flat] * (1 - a) + colour * a
