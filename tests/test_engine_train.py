@@ -160,3 +160,8 @@ def test_gradient_accumulation_equals_large_batch(tmp_path, monkeypatch):
     big, acc = losses_of(str(tmp_path / "big")), losses_of(str(tmp_path / "acc"))
     for it in range(1, 6):
         assert acc[it] == pytest.approx(big[it], rel=1e-5, abs=1e-6)
+
+
+def test_amp_turned_off_on_cpu_with_reason(tmp_path):
+    trainer = FakeDataTrainer(tiny_cfg(str(tmp_path), **{"SOLVER.AMP.ENABLED": True}))
+    assert trainer.trainer.amp_dtype is None and trainer.trainer.scaler is None

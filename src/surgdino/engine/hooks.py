@@ -147,6 +147,8 @@ class PeriodicWriter(HookBase):
 
     def before_train(self) -> None:
         self._since = self.trainer.start_iter
+        if self.console is not None:
+            self.console.start()
 
     def after_step(self) -> None:
         done = self.trainer.iter + 1

@@ -83,12 +83,17 @@ class ConsoleWriter:
     """A tqdm progress bar (ETA, it/s) updated every step, plus a log line of losses every write."""
 
     def __init__(self, start_iter: int, max_iter: int, enable_bar: bool = True):
+        self.start_iter = start_iter
         self.max_iter = max_iter
+        self.enable_bar = enable_bar
         self._bar = None
-        if enable_bar:
+
+    def start(self) -> None:
+        """Show the progress bar (called when training starts)."""
+        if self.enable_bar and self._bar is None:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=max_iter, initial=start_iter, desc="train", unit="it",
+            self._bar = tqdm(total=self.max_iter, initial=self.start_iter, desc="train", unit="it",
                              dynamic_ncols=True, leave=True)
 
     def step(self, n: int = 1, postfix: dict[str, Any] | None = None) -> None:
@@ -115,6 +120,7 @@ class ConsoleWriter:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+            self._bar = None
 
 
 def _file_only(msg: str) -> None:
