@@ -367,6 +367,8 @@ def eval_only(cfg: Config) -> dict[str, Any]:
 
 def check_inputs(cfg: Config, *, train: bool) -> None:
     """Fail early (before spawning processes) on missing weights or empty/unknown datasets."""
+    if not train and not cfg.MODEL.WEIGHTS:
+        raise ConfigError("--eval-only needs weights: add MODEL.WEIGHTS path/to/model_final.pth")
     if cfg.MODEL.WEIGHTS and not os.path.isfile(os.path.expanduser(cfg.MODEL.WEIGHTS)):
         raise ConfigError(f"MODEL.WEIGHTS file not found: {cfg.MODEL.WEIGHTS}; give an existing .pth path "
                           "or MODEL.WEIGHTS \"\" to start from scratch")
