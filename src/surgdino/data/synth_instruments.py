@@ -108,13 +108,13 @@ def instrument_class_names(num_classes: int) -> list[str]:
 
 # ---- geometry helpers (all coordinates in pixels of the instrument frame) ----
 
-def _strip(xs: np.ndarray, ys: np.ndarray, hw: np.ndarray) -> np.ndarray:
-    """Polygon of a band of half-width ``hw`` around the centre line (xs, ys)."""
+def _strip(xs: np.ndarray, ys: np.ndarray, hw: np.ndarray, min_hw: float = 0.7) -> np.ndarray:
+    """Polygon of a band of half-width ``hw`` (at least ``min_hw`` pixels) around the centre line (xs, ys)."""
     pts = np.stack([xs, ys], 1)  # [N, 2]
     d = np.gradient(pts, axis=0)
     d /= np.linalg.norm(d, axis=1, keepdims=True) + 1e-9
     n = np.stack([-d[:, 1], d[:, 0]], 1)
-    hw = np.maximum(np.asarray(hw, dtype=np.float64), 0.7)[:, None]
+    hw = np.maximum(np.asarray(hw, dtype=np.float64), min_hw)[:, None]
     return np.concatenate([pts + n * hw, (pts - n * hw)[::-1]], 0)  # [2N, 2]
 
 
@@ -191,7 +191,7 @@ def _scissors(c: InstrumentClass, L: float) -> list:
     s, xs, ys = _line(pivot * L - 0.04 * L, L, 0.0, 24, curve=curve, curve_from=0.3, bend=bend, bend_at=0.15)
     parts.append((_strip(xs, ys, _profile(s, [0, 0.15, 0.7, 1], [0.8 * bw, bw, 0.7 * bw, tip_w])), BRIGHT))
     k = (s > 0.12) & (s < 0.93)
-    parts.append((_strip(xs[k], ys[k] + 0.15 * bw, np.full(k.sum(), 0.0035 * L)), DARK))
+    parts.append((_strip(xs[k], ys[k] + 0.15 * bw, np.full(k.sum(), 0.0035 * L), 0.3), DARK))
     parts.append((_ellipse(pivot * L, 0.0, 0.022 * L, 0.022 * L, 16), STEEL))
     return parts
 
@@ -206,7 +206,7 @@ def _clamp(c: InstrumentClass, L: float) -> list:
     s, xs, ys = _line(pivot * L, L, 0.0, 24, curve=curve, curve_from=0.2)
     parts.append((_strip(xs, ys, _profile(s, [0, 0.3, 1], [jw, 0.9 * jw, 0.45 * jw])), STEEL))
     k = s > 0.1
-    parts.append((_strip(xs[k], ys[k], np.full(k.sum(), 0.003 * L)), DARK))
+    parts.append((_strip(xs[k], ys[k], np.full(k.sum(), 0.003 * L), 0.3), DARK))
     bx = pivot * L
     parts.append((_rect(bx - 0.04 * L, bx + 0.04 * L, -0.032 * L, 0.032 * L), DARK))
     parts.append((_rect(bx - 0.034 * L, bx + 0.034 * L, -0.026 * L, 0.026 * L), STEEL))
