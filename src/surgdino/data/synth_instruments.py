@@ -65,13 +65,17 @@ class InstrumentClass:
 
 
 def _family_classes(family: str) -> list[InstrumentClass]:
-    """All variants of one family, ordered so that neighbours differ in shape first, then colour, tip, size."""
+    """All variants of one family, ordered so that neighbours differ in shape first, then colour, tip, size.
+
+    The colour order is rotated per family, so the first class of each family has its own handle colour."""
     out = []
     variants, tips, sizes = _VARIANTS[family], _TIPS[family], _SIZES_CM[family]
     noun = _HANDLE_NOUN.get(family, "handle")
+    shift = FAMILIES.index(family)
+    colours = HANDLE_COLOURS[shift % 5:] + HANDLE_COLOURS[:shift % 5]
     for size in sizes:
         for tip in tips:
-            for colour in HANDLE_COLOURS:
+            for colour in colours:
                 for variant in variants:
                     name = f"{variant} {family}, {tip}, {size:g} cm, {colour} {noun}"
                     out.append(InstrumentClass(family, variant, tip, size, colour, name))

@@ -85,8 +85,19 @@ def _drape(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return lum[:, :, None] * rgb
 
 
+def _wrap(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Sterilisation wrap: light crepe paper or towel with crinkles."""
+    colours = [(200, 205, 212), (170, 192, 214), (205, 212, 200), (185, 185, 190)]
+    rgb = np.array(colours[rng.integers(len(colours))], np.float32) * rng.uniform(0.8, 1.05)
+    crinkle = np.abs(_smooth_noise(rng, h, w, max(4, min(h, w) // 24))) + 0.5 * _smooth_noise(rng, h, w, max(8, min(h, w) // 5))
+    lum = 1 + 0.12 * (crinkle - 0.5)
+    return lum[:, :, None] * rgb
+
+
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    img = _steel_tray(rng, h, w) if rng.random() < 0.55 else _drape(rng, h, w)  # [H, W, 3]
+    """Steel tray (brushed, sometimes perforated), surgical drape or sterilisation wrap, [H, W, 3] float."""
+    r = rng.random()
+    img = _steel_tray(rng, h, w) if r < 0.45 else _drape(rng, h, w) if r < 0.85 else _wrap(rng, h, w)
     return img.astype(np.float32)
 
 
@@ -251,6 +262,8 @@ def render_tray(rng: np.random.Generator, height: int, width: int, num_classes: 
     img *= light[:, :, None] * rng.uniform(0.96, 1.04, 3).astype(np.float32)
     img += (rng.random((h, w), dtype=np.float32) - 0.5)[:, :, None] * rng.uniform(3.5, 12.0)  # sensor noise
     out = np.clip(img, 0, 255).astype(np.uint8)
+    if rng.random() < 0.25:  # slight defocus
+        out = np.asarray(Image.fromarray(out).filter(ImageFilter.GaussianBlur(float(rng.uniform(0.4, 1.0)))))
     keep = []
     for k, cat, full_area, (iy0, iy1, ix0, ix1) in drawn:
         area = int(np.count_nonzero(label[iy0:iy1, ix0:ix1] == k))
