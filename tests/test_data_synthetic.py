@@ -52,6 +52,15 @@ def test_render_tray_deterministic_and_min_visible_only_filters():
     assert len(inst_b) < len(inst_a) and all(inst["mask"].tobytes() in kept for inst in inst_b)
 
 
+def test_long_tail_makes_classes_uneven():
+    counts = np.zeros(10, int)
+    for seed in range(3):
+        _, instances = render_tray(np.random.default_rng(seed), 64, 64, 10, 60, 0.0, long_tail=1.5)
+        for inst in instances:
+            counts[inst["category_id"]] += 1
+    assert counts[0] > 3 * counts[5:].mean()
+
+
 def _read(out):
     with open(os.path.join(out, "annotations", "instances_train.json"), "rb") as f:
         raw = f.read()
@@ -108,6 +117,6 @@ def test_generate_dataset_png_and_bad_arguments(tmp_path):
     assert os.listdir(out["train_dir"]) == ["000001.png"]
     assert json.load(open(out["val_json"]))["images"] == []
     for bad in (dict(image_size=8), dict(instances_per_image=(5, 2)), dict(min_visible=1.5), dict(num_classes=501),
-                dict(num_train=-1), dict(image_format="gif")):
+                dict(num_train=-1), dict(image_format="gif"), dict(long_tail=-1.0)):
         with pytest.raises(SurgDinoError):
             generate_synthetic_dataset(str(tmp_path / "bad"), **{"progress": False, **bad})

@@ -188,6 +188,13 @@ def _blur(a: np.ndarray, radius: float) -> np.ndarray:
     return np.asarray(Image.fromarray(a).filter(box).filter(box))
 
 
+def _class_probs(num_classes: int, long_tail: float) -> np.ndarray | None:
+    if not long_tail:
+        return None
+    p = np.arange(1, num_classes + 1, dtype=np.float64) ** -float(long_tail)
+    return p / p.sum()
+
+
 def _shift(a: np.ndarray, dx: int, dy: int) -> np.ndarray:
     """``a`` moved by (dx, dy) pixels, zero-filled."""
     out = np.zeros_like(a)
@@ -197,12 +204,15 @@ def _shift(a: np.ndarray, dx: int, dy: int) -> np.ndarray:
 
 
 def render_tray(rng: np.random.Generator, height: int, width: int, num_classes: int, num_instances: int,
-                min_visible: float) -> tuple[np.ndarray, list[dict]]:
+                min_visible: float, long_tail: float = 0.0) -> tuple[np.ndarray, list[dict]]:
     """One tray image [H, W, 3] uint8 and its visible instances ``{category_id (0-based), mask, full_area}``.
 
     Instances are painted bottom to top; a visible mask is the pixels where the instance is on top, so
-    masks are disjoint. Instances with visible area below ``min_visible`` x drawn area are dropped.
+    masks are disjoint. Instances with visible area below ``min_visible`` x drawn area (including any part
+    outside the frame) are dropped. ``long_tail`` > 0 draws class c with probability ~ (c + 1) ** -long_tail
+    (unevenly populated classes, as in real instrument sets); 0 draws classes uniformly.
     """
+    probs = _class_probs(num_classes, long_tail)
     classes = instrument_classes(num_classes)
     h, w = int(height), int(width)
     scene = _Scene(rng, h, w)
@@ -214,7 +224,7 @@ def render_tray(rng: np.random.Generator, height: int, width: int, num_classes: 
     piles = rng.uniform(0.2, 0.8, (int(rng.integers(1, 4)), 2)) * (w, h)  # instruments heap up around these
     sdx, sdy = int(scene.shadow[0]), int(scene.shadow[1])
     for k in range(int(num_instances)):
-        cat = int(rng.integers(num_classes))
+        cat = int(rng.integers(num_classes)) if probs is None else int(rng.choice(num_classes, p=probs))
         cls = classes[cat]
         length = float(cls.size_cm * scene.px_per_cm * rng.uniform(0.95, 1.05))
         ref = float(np.exp(np.round(np.log(length) / 0.1) * 0.1))  # shapes cached per class and 10% length step
@@ -306,10 +316,10 @@ def _mask_annotations(masks: list[np.ndarray]) -> list[tuple[dict, list[float], 
 
 def _make_image(job: tuple) -> tuple[dict, list[dict]]:
     """Render, write and annotate image ``index`` of one split (runs in worker processes too)."""
-    seed, split_id, index, image_dir, hw, num_classes, lo_hi, min_visible, ext = job
+    seed, split_id, index, image_dir, hw, num_classes, lo_hi, min_visible, long_tail, ext = job
     rng = np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=(split_id, index)))
     n = int(rng.integers(lo_hi[0], lo_hi[1] + 1))
-    img, instances = render_tray(rng, hw[0], hw[1], num_classes, n, min_visible)
+    img, instances = render_tray(rng, hw[0], hw[1], num_classes, n, min_visible, long_tail)
     file_name = f"{index + 1:06d}.{ext}"
     pil = Image.fromarray(img)
     path = os.path.join(image_dir, file_name)
@@ -325,11 +335,13 @@ def _make_image(job: tuple) -> tuple[dict, list[dict]]:
 
 
 def _write_split(out_dir: str, split: str, split_id: int, num_images: int, seed: int, hw, num_classes: int,
-                 lo_hi, min_visible: float, ext: str, workers: int, progress: bool) -> tuple[str, str]:
+                 lo_hi, min_visible: float, long_tail: float, ext: str, workers: int,
+                 progress: bool) -> tuple[str, str]:
     image_dir = os.path.join(out_dir, split)
     os.makedirs(image_dir, exist_ok=True)
     os.makedirs(os.path.join(out_dir, "annotations"), exist_ok=True)
-    jobs = [(seed, split_id, i, image_dir, hw, num_classes, lo_hi, min_visible, ext) for i in range(num_images)]
+    jobs = [(seed, split_id, i, image_dir, hw, num_classes, lo_hi, min_visible, long_tail, ext)
+            for i in range(num_images)]
     if workers and workers > 0 and num_images > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             results = pool.map(_make_image, jobs, chunksize=max(1, min(8, num_images // (4 * workers))))
@@ -370,11 +382,15 @@ def _progress(it, total: int, split: str, enabled: bool):
 def generate_synthetic_dataset(out_dir: str, num_train: int = 200, num_val: int = 50, num_classes: int = 20,
                                image_size: int | tuple[int, int] = 512, seed: int = 0,
                                instances_per_image: tuple[int, int] = (20, 30), min_visible: float = 0.3,
-                               workers: int = 0, progress: bool = True, image_format: str = "jpg") -> dict:
+                               workers: int = 0, progress: bool = True, image_format: str = "jpg",
+                               long_tail: float = 0.0) -> dict:
     """Write a COCO dataset of synthetic trays: ``annotations/instances_{train,val}.json``, ``train/``, ``val/``.
 
-    ``image_size`` is an int or (height, width). Same seed gives identical files whatever ``workers`` is;
-    train and val use different derived seeds.
+    ``image_size`` is an int or (height, width); ``instances_per_image`` (min, max) instruments are drawn
+    per image, then those less than ``min_visible`` visible are dropped. Images are JPEG (quality 90) or
+    PNG (``image_format``); masks are compressed RLE. ``long_tail`` > 0 makes class frequencies fall off as
+    (rank + 1) ** -long_tail. Same seed gives identical files whatever ``workers`` (processes) is; train
+    and val use different derived seeds.
     """
     instrument_classes(num_classes)  # validates
     hw = _image_size(image_size)
@@ -393,8 +409,10 @@ def generate_synthetic_dataset(out_dir: str, num_train: int = 200, num_val: int 
     if ext is None:
         raise ConfigError(f"image_format={image_format!r}: use 'jpg' or 'png'")
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
+    if not 0.0 <= float(long_tail) <= 5.0:
+        raise ConfigError(f"long_tail={long_tail}: use 0 (uniform classes) to 5 (steep long tail), e.g. 1.0")
     common = dict(seed=int(seed), hw=hw, num_classes=int(num_classes), lo_hi=(lo, hi), min_visible=float(min_visible),
-                  ext=ext, workers=int(workers), progress=progress)
+                  long_tail=float(long_tail), ext=ext, workers=int(workers), progress=progress)
     train_json, train_dir = _write_split(out_dir, "train", 0, int(num_train), **common)
     val_json, val_dir = _write_split(out_dir, "val", 1, int(num_val), **common)
     return {"train_json": train_json, "val_json": val_json, "train_dir": train_dir, "val_dir": val_dir,
