@@ -165,7 +165,7 @@ class VisionTransformer(nn.Module):
         if (gh, gw) == (self.grid_size, self.grid_size):
             return table
         differentiable = torch.is_grad_enabled() and table.requires_grad
-        key = (gh, gw, table.device, table.dtype, table._version)
+        key = (gh, gw, table.device, table.dtype, table.data_ptr(), table._version)
         if not differentiable and key in self._pos_cache:
             self._pos_cache.move_to_end(key)
             return self._pos_cache[key]
