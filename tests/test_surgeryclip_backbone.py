@@ -138,6 +138,23 @@ def test_build_from_args_and_config(ckpt, tmp_path):
         build_backbone(load_config(None, ["MODEL.BACKBONE.NAME", "surgeryclip"]))
 
 
+def test_backbone_weights_reload_as_clip(ckpt, tmp_path):
+    """A detector checkpoint (backbone under a prefix, beside other modules) loads back as SurgeryCLIP."""
+    bb = backbone(ckpt, multi_scale=True, out_channels=8)
+    sd = {"backbone.0." + k: v for k, v in bb.state_dict().items()} | {"class_embed.weight": torch.zeros(3, 8)}
+    torch.save({"model": sd, "epoch": 1}, tmp_path / "detector.pth")
+    clip = SurgeryCLIP.from_checkpoint(tmp_path / "detector.pth", surgery_depth=2)
+    assert not clip.has_text
+    from safetensors.torch import save_file
+
+    save_file(bb.visual.state_dict(), str(tmp_path / "visual.safetensors"))  # a bare visual tower
+    again = SurgeryCLIP.from_checkpoint(tmp_path / "visual.safetensors", surgery_depth=2)
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(clip.encode_image(images), bb.visual.project(bb.visual.forward_tokens(images)))
+        torch.testing.assert_close(again.encode_image(images), clip.encode_image(images))
+
+
 def test_check_backbone_command(ckpt, capsys):
     cfg = load_config(None, ["MODEL.BACKBONE.NAME", "surgeryclip", "MODEL.SURGERYCLIP.CKPT", ckpt,
                              "MODEL.SURGERYCLIP.SURGERY_DEPTH", "2", "MODEL.SURGERYCLIP.TRAINABLE_BLOCKS", "1"])

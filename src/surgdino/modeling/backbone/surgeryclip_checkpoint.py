@@ -21,6 +21,8 @@ from surgdino.errors import CheckpointError
 
 # Scalars OpenAI's TorchScript archives keep beside the weights.
 _OPENAI_EXTRAS = ("input_resolution", "context_length", "vocab_size")
+# Top-level names of the OpenAI/open_clip text tower.
+_TEXT_KEYS = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection", "logit_scale")
 # Containers training scripts wrap the weights in (open_clip: "state_dict"; others: "model").
 _CONTAINERS = ("state_dict", "model", "model_state_dict", "module")
 
@@ -75,6 +77,14 @@ def _load_raw(path: str) -> tuple[object, str]:
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: CLIP checkpoint not found; set MODEL.SURGERYCLIP.CKPT (or args.surgeryclip_ckpt) "
                               "to an existing .pt/.pth file")
+    if path.endswith(".safetensors"):  # open_clip's hub files (open_clip_model.safetensors)
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path, device="cpu"), "safetensors"
+        except SafetensorError as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e}); re-download it") from e
     if _is_torchscript(path):
         try:
             with warnings.catch_warnings():
@@ -138,8 +148,11 @@ def _strip_prefix(sd: dict[str, torch.Tensor], path: str) -> dict[str, torch.Ten
     prefix = cls_keys[0][: -len("class_embedding")]  # "visual." for full models, "" for a bare visual tower
     if prefix.endswith("visual."):
         root = prefix[: -len("visual.")]
-        return {k[len(root):]: v for k, v in sd.items() if k.startswith(root)}
-    return {"visual." + k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        out = {k[len(root):]: v for k, v in sd.items() if k.startswith(root)}
+    else:
+        out = {"visual." + k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    # Only CLIP's own keys: a detector checkpoint also holds its pyramid, heads, ...
+    return {k: v for k, v in out.items() if k.startswith("visual.") or k.split(".")[0] in _TEXT_KEYS}
 
 
 def _count_blocks(sd: dict[str, torch.Tensor], prefix: str) -> int:
