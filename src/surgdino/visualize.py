@@ -101,22 +101,45 @@ def draw_instances(
             out[edge] = colors[i]
     canvas = Image.fromarray(out.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
-    font = _font(max(10, min(24, round(min(h, w) / 45))))
     for i in range(len(boxes)):
         x0, y0, x1, y1 = boxes[i].tolist()
+        draw.rectangle([x0, y0, max(x0, x1), max(y0, y1)], outline=tuple(int(c) for c in colors[i]), width=line)
+    # Labels on a translucent layer above all boxes; long class names are cut to fit near their box.
+    overlay = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
+    odraw = ImageDraw.Draw(overlay)
+    font = _font(max(10, min(24, round(min(h, w) / 45))))
+    for i in range(len(boxes)):
+        x0, y0, x1, _ = boxes[i].tolist()
         color = tuple(int(c) for c in colors[i])
-        draw.rectangle([x0, y0, max(x0, x1), max(y0, y1)], outline=color, width=line)
         lab = int(labels[i]) if i < len(labels) else -1
         name = class_names[lab] if class_names is not None and 0 <= lab < len(class_names) else str(lab)
-        text = name if scores is None else f"{name} {float(scores[i]):.2f}"
-        tx0, ty0, tx1, ty1 = draw.textbbox((0, 0), text, font=font)
+        suffix = "" if scores is None else f" {float(scores[i]):.2f}"
+        text = _fit_text(odraw, name, suffix, font, max(x1 - x0, w / 4))
+        tx0, ty0, tx1, ty1 = odraw.textbbox((0, 0), text, font=font)
         tw, th = tx1 - tx0 + 4, ty1 - ty0 + 2
         lx = min(max(0.0, x0), max(0.0, w - tw))
         ly = y0 - th if y0 - th >= 0 else min(max(0.0, y0), max(0.0, h - th))
         lum = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
-        draw.rectangle([lx, ly, lx + tw, ly + th], fill=color)
-        draw.text((lx + 2 - tx0, ly + 1 - ty0), text, fill=(0, 0, 0) if lum > 140 else (255, 255, 255), font=font)
+        odraw.rectangle([lx, ly, lx + tw, ly + th], fill=color + (200,))
+        odraw.text((lx + 2 - tx0, ly + 1 - ty0), text, fill=(0, 0, 0, 255) if lum > 140 else (255, 255, 255, 255),
+                   font=font)
+    canvas = Image.alpha_composite(canvas.convert("RGBA"), overlay).convert("RGB")
     return np.asarray(canvas)
+
+
+def _fit_text(draw: ImageDraw.ImageDraw, name: str, suffix: str, font: Any, max_width: float) -> str:
+    """``name + suffix``, with the name shortened (ending in "..") until it fits ``max_width`` pixels."""
+    text = name + suffix
+    if draw.textlength(text, font=font) <= max_width:
+        return text
+    lo, hi = 1, len(name)  # longest prefix that fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if draw.textlength(name[:mid].rstrip() + ".." + suffix, font=font) <= max_width:
+            lo = mid
+        else:
+            hi = mid - 1
+    return name[:lo].rstrip() + ".." + suffix
 
 
 def save_image(path: str, array: Any) -> str:
