@@ -61,10 +61,13 @@ def default_setup(cfg: Config, *, tag: str = "train") -> None:
     if comm.is_main_process():
         os.makedirs(out, exist_ok=True)
         log_path = os.path.abspath(os.path.join(out, "log.txt"))
-        if not any(isinstance(h, logging.FileHandler) and h.baseFilename == log_path for h in root.handlers):
-            fh = logging.FileHandler(log_path)
-            fh.setFormatter(logging.Formatter("[%(asctime)s %(name)s %(levelname)s] %(message)s", "%m/%d %H:%M:%S"))
-            root.addHandler(fh)
+        for h in [h for h in root.handlers if getattr(h, "_surgdino_output", False)]:
+            root.removeHandler(h)  # a previous run in this process logged elsewhere
+            h.close()
+        fh = logging.FileHandler(log_path)
+        fh.setFormatter(logging.Formatter("[%(asctime)s %(name)s %(levelname)s] %(message)s", "%m/%d %H:%M:%S"))
+        fh._surgdino_output = True
+        root.addHandler(fh)
         save_config(cfg, os.path.join(out, "config.yaml"))
         logger.info("%s: output in %s (config.yaml, log.txt, metrics.jsonl, checkpoints)", tag, os.path.abspath(out))
     else:
