@@ -122,3 +122,19 @@ def test_help_texts(capsys):
 def test_synth_rejects_bad_ranges(tmp_path, capsys):
     assert main(["data", "synth", "--out", str(tmp_path), "--instances", "5", "2"]) == 2
     assert "MIN <= MAX" in capsys.readouterr().err
+
+
+def test_synth_then_check_and_check_by_dataset_name(tmp_path, capsys):
+    out = tmp_path / "trays"
+    rc = main(["data", "synth", "--out", str(out), "--num-train", "2", "--num-val", "1", "--num-classes", "4",
+               "--image-size", "64", "--instances", "2", "3", "--seed", "1"])
+    assert rc == 0
+    assert main(["data", "check", "--annotations", str(out / "annotations" / "instances_train.json"),
+                 "--image-root", str(out / "train"), "--decode"]) == 0
+    # The same folder as the config's synthetic root: checked by name, nothing regenerated.
+    try:
+        rc = main(["data", "check", "--dataset", "synthetic_trays_val", "DATASETS.SYNTHETIC_ROOT", str(out)])
+    finally:
+        DatasetCatalog.clear()
+    assert rc == 0
+    assert "instances_val.json" in capsys.readouterr().out

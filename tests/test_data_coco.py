@@ -269,3 +269,50 @@ def test_register_datasets_from_config(tmp_path):
     with pytest.raises(ConfigError, match=r"DATASETS.REGISTER\[0\] \('x'\) is missing image_root"):
         register_datasets_from_config(bad)
     DatasetCatalog.clear()
+
+
+def test_config_redeclaration_replaces_dataset(tmp_path):
+    make_coco(str(tmp_path / "a"))
+    make_coco(str(tmp_path / "b"))
+    try:
+        for folder in ("a", "b"):
+            cfg = load_config(None, ["DATASETS.REGISTER", str([{"name": "tiny_redecl", "json_file": str(
+                tmp_path / folder / "instances.json"), "image_root": str(tmp_path / folder)}])])
+            register_datasets_from_config(cfg)
+            assert DatasetCatalog.get("tiny_redecl")[0]["file_name"].startswith(str(tmp_path / folder))
+    finally:
+        DatasetCatalog.clear()
+
+
+def test_synthetic_generated_once_on_first_use(tmp_path, monkeypatch):
+    import surgdino.data.synthetic as synthetic
+
+    calls = []
+    real = synthetic.generate_synthetic_dataset
+
+    def tiny(out_dir, **kw):
+        calls.append(out_dir)
+        return real(out_dir, num_train=2, num_val=1, num_classes=3, image_size=48, instances_per_image=(1, 2),
+                    progress=False)
+
+    monkeypatch.setattr(synthetic, "generate_synthetic_dataset", tiny)
+    root = tmp_path / "cache" / "trays"
+    cfg = load_config(None, ["DATASETS.SYNTHETIC_ROOT", str(root)])
+    try:
+        register_datasets_from_config(cfg)
+        assert not root.exists()  # registering is lazy
+        assert len(MetadataCatalog.get("synthetic_trays_train").thing_classes) == 3
+        assert len(DatasetCatalog.get("synthetic_trays_train")) == 2
+        assert len(DatasetCatalog.get("synthetic_trays_val")) == 1
+        assert len(calls) == 1 and (root / "annotations" / "instances_val.json").is_file()
+        assert [p.name for p in root.parent.iterdir()] == ["trays"]  # no temporary folder left
+    finally:
+        DatasetCatalog.clear()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.txt").write_text("not a dataset")
+    try:
+        register_datasets_from_config(cfg.merge({"DATASETS.SYNTHETIC_ROOT": str(tmp_path / "other")}))
+        with pytest.raises(DataError, match="exists but has no annotations"):
+            DatasetCatalog.get("synthetic_trays_train")
+    finally:
+        DatasetCatalog.clear()

@@ -172,8 +172,15 @@ def register_datasets_from_config(cfg: Any) -> list[str]:
         if name in SYNTHETIC_NAMES:
             raise ConfigError(f"{where}: {name!r} is reserved for the generated trays; pick another name")
         seen[name] = i
+        json_file = os.path.abspath(os.path.expanduser(str(item["json_file"])))
+        image_root = os.path.abspath(os.path.expanduser(str(item["image_root"])))
+        meta = MetadataCatalog.get(name).__dict__ if name in DatasetCatalog else {}
+        if meta and (meta.get("json_file"), meta.get("image_root")) != (json_file, image_root):
+            # The config is the source of truth for its names (a later config in the same process wins).
+            logger.info(f"Dataset {name!r} re-declared by the config: {json_file} replaces {meta.get('json_file')}")
+            DatasetCatalog.remove(name)
         try:
-            register_coco_instances(name, str(item["json_file"]), str(item["image_root"]))
+            register_coco_instances(name, json_file, image_root)
         except DataError as e:
             raise ConfigError(f"{where}: {e}") from None
         names.append(name)

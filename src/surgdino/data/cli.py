@@ -18,10 +18,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Validate a COCO instance json against its images. Exit 0 with statistics (images, "
                     "instances, instances per image, per-class counts), or exit 2 listing every problem "
                     "(file, index, field and fix).")
-    check.add_argument("--annotations", required=True, metavar="JSON", help="COCO instance json, e.g. annotations/instances_train.json")
-    check.add_argument("--image-root", required=True, metavar="DIR", help="folder the images' file_name are relative to")
+    check.add_argument("--annotations", metavar="JSON", help="COCO instance json, e.g. annotations/instances_train.json")
+    check.add_argument("--image-root", metavar="DIR", help="folder the images' file_name are relative to")
+    check.add_argument("--dataset", metavar="NAME",
+                       help="check a dataset declared in the config (DATASETS.REGISTER) instead of --annotations")
     check.add_argument("--decode", action="store_true", help="also decode every image (slow; finds corrupt files)")
     check.add_argument("--no-images", action="store_true", help="check the json only, not the image files")
+    from surgdino.cli import add_config_arguments
+
+    add_config_arguments(check)
     check.set_defaults(func=_check)
 
     synth = dsub.add_parser(
@@ -52,18 +57,43 @@ def register(sub: argparse._SubParsersAction) -> None:
     show.add_argument("--out", required=True, metavar="DIR", help="output folder for PNGs")
     show.add_argument("--num", type=int, default=8, metavar="N", help="number of images (default 8)")
     show.add_argument("--alpha", type=float, default=0.5, help="mask opacity (default 0.5)")
-    from surgdino.cli import add_config_arguments
-
     add_config_arguments(show)
     show.set_defaults(func=_show)
     p.set_defaults(func=lambda a: p.print_help() or 2)
 
 
+def _dataset_files(args: argparse.Namespace) -> tuple[str, str]:
+    """(json_file, image_root) from --annotations/--image-root or from --dataset NAME in the config."""
+    from surgdino.errors import DataError
+
+    if args.dataset:
+        from surgdino.config import load_config
+        from surgdino.data.catalog import (
+            SYNTHETIC_NAMES,
+            DatasetCatalog,
+            MetadataCatalog,
+            ensure_synthetic_dataset,
+            register_datasets_from_config,
+        )
+
+        register_datasets_from_config(load_config(args.config_file, args.opts))
+        if args.dataset not in DatasetCatalog:
+            DatasetCatalog.get(args.dataset)  # raises the unknown-dataset error with the registered names
+        meta = MetadataCatalog.get(args.dataset).__dict__
+        if args.dataset in SYNTHETIC_NAMES:
+            ensure_synthetic_dataset(meta["synthetic_root"])
+        return meta["json_file"], meta["image_root"]
+    if args.annotations and args.image_root:
+        return args.annotations, args.image_root
+    raise DataError(f"data {args.data_command}: give --annotations JSON and --image-root DIR, "
+                    "or --dataset NAME (with --config-file)")
+
+
 def _check(args: argparse.Namespace) -> int:
     from surgdino.data.coco import validate_coco
 
-    report = validate_coco(args.annotations, args.image_root, check_images=not args.no_images,
-                           decode_images=args.decode)
+    json_file, image_root = _dataset_files(args)
+    report = validate_coco(json_file, image_root, check_images=not args.no_images, decode_images=args.decode)
     if report.problems:
         for problem in report.problems:
             print(problem, file=sys.stderr)
@@ -103,24 +133,16 @@ def _show(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
-    from surgdino.data.catalog import DatasetCatalog, MetadataCatalog, register_datasets_from_config
+    from surgdino.data.catalog import MetadataCatalog
     from surgdino.data.coco import decode_segmentation, load_coco_json
     from surgdino.errors import DataError
     from surgdino.visualize import draw_instances, save_image
 
-    if args.dataset:
-        from surgdino.config import load_config
-
-        register_datasets_from_config(load_config(args.config_file, args.opts))
-        records = DatasetCatalog.get(args.dataset)
-        class_names = MetadataCatalog.get(args.dataset).thing_classes
-    elif args.annotations and args.image_root:
-        name = "__data_show__"
-        records = load_coco_json(args.annotations, args.image_root, dataset_name=name)
-        class_names = MetadataCatalog.get(name).thing_classes
-        MetadataCatalog.remove(name)
-    else:
-        raise DataError("data show: give --annotations JSON and --image-root DIR, or --dataset NAME (with --config-file)")
+    json_file, image_root = _dataset_files(args)
+    name = "__data_show__"
+    records = load_coco_json(json_file, image_root, dataset_name=name)
+    class_names = MetadataCatalog.get(name).thing_classes
+    MetadataCatalog.remove(name)
     written = []
     for r in records[: max(0, args.num)]:
         try:
