@@ -102,6 +102,8 @@ def test_missing_bbox_and_area_are_derived(tmp_path):
     assert records[0]["annotations"][0]["bbox"] == [2, 2, 10, 8]
     assert records[0]["annotations"][1]["bbox"] == [6, 4, 14, 6]
     assert records[1]["annotations"][0]["bbox"] == [6, 4, 14, 6]
+    assert [a["area"] for a in records[0]["annotations"]] == [80.0, 84.0]  # from the masks
+    assert records[1]["annotations"][0]["area"] == 84.0
 
 
 def _mutations():
@@ -131,6 +133,9 @@ def _mutations():
     def odd_poly(d, root):
         d["annotations"][0]["segmentation"] = [[2, 2, 12, 2, 12, 10, 2]]
 
+    def bad_coordinate(d, root):
+        d["annotations"][0]["segmentation"] = [[2, 2, "12", 2, 12, float("nan")]]
+
     def rle_size(d, root):
         d["annotations"][1]["segmentation"]["size"] = [H * 2, W]
 
@@ -153,6 +158,7 @@ def _mutations():
         ("box size", box_size, ["annotations[0]", "bbox", "non-positive size"]),
         ("polygon < 3 points", short_poly, ["annotations[0]", "segmentation[0]", "at least 3"]),
         ("odd coordinates", odd_poly, ["annotations[0]", "segmentation[0]", "odd number of coordinates"]),
+        ("non-number coordinate", bad_coordinate, ["annotations[0]", "segmentation[0]", "flat list of numbers"]),
         ("RLE size", rle_size, ["annotations[1]", "RLE size", "does not match"]),
         ("no file_name", no_file_name, ["images[0]", "file_name"]),
         ("no height", no_height, ["images[0]", "'height'"]),

@@ -113,6 +113,15 @@ def _rle_object(segm: dict[str, Any]) -> dict[str, Any]:
     return {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
 
 
+def _segmentation_area(segm: list | dict, height: int, width: int) -> float:
+    """Mask area in pixels of polygons or an RLE, without decoding to a bitmap."""
+    from pycocotools import mask as mask_util
+
+    if isinstance(segm, dict):
+        return float(mask_util.area(_rle_object(segm)))
+    return float(mask_util.area(mask_util.merge(mask_util.frPyObjects(segm, height, width))))
+
+
 def decode_segmentation(segm: list | dict, height: int, width: int) -> np.ndarray:
     """A ``bool [height, width]`` mask from polygons (list of flat lists) or an RLE dict."""
     from pycocotools import mask as mask_util
@@ -283,7 +292,7 @@ def _scan(data: dict[str, Any], json_file: str, image_root: str, check_files: bo
         if len(problems) > n_before or kind is None:
             continue
         if area is None:
-            area = float(bbox[2] * bbox[3])
+            area = _segmentation_area(segm, h, w)
         records[image_id]["annotations"].append({
             "bbox": [float(v) for v in bbox],
             "category_id": id_map[cid],
