@@ -92,13 +92,17 @@ def draw_instances(
     if masks is not None:
         masks = masks.astype(bool)
         # Larger masks first so small instruments on top stay visible.
-        for i in sorted(range(k), key=lambda i: -int(masks[i].sum())):
-            m = masks[i]
-            if not m.any():
+        areas = masks.reshape(k, -1).sum(1)
+        for i in np.argsort(-areas, kind="stable"):
+            if not areas[i]:
                 continue
-            out[m] = (1 - alpha) * out[m] + alpha * colors[i]
-            edge = _boundary(m, line)
-            out[edge] = colors[i]
+            # Work in the mask's box plus a 1-pixel margin (all False), so contours match the full image's.
+            rows, cols = np.nonzero(masks[i].any(1))[0], np.nonzero(masks[i].any(0))[0]
+            ys = slice(max(0, rows[0] - 1), rows[-1] + 2)
+            xs = slice(max(0, cols[0] - 1), cols[-1] + 2)
+            m, region = masks[i, ys, xs], out[ys, xs]  # views
+            region[m] = (1 - alpha) * region[m] + alpha * colors[i]
+            region[_boundary(m, line)] = colors[i]
     canvas = Image.fromarray(out.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
     for i in range(len(boxes)):
