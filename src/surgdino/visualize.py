@@ -92,7 +92,7 @@ def draw_instances(
     if masks is not None:
         masks = masks.astype(bool)
         # Larger masks first so small instruments on top stay visible.
-        areas = masks.reshape(k, -1).sum(1)
+        areas = masks.reshape(k, h * w).sum(1)
         for i in np.argsort(-areas, kind="stable"):
             if not areas[i]:
                 continue
