@@ -194,6 +194,18 @@ def test_all_problems_listed_not_just_first(tmp_path):
     assert "3 problems" in str(e.value)
 
 
+def test_wrong_types_are_problems_not_crashes(tmp_path):
+    _, data = make_coco(str(tmp_path))
+    data["annotations"][0]["category_id"] = [9]
+    data["annotations"][1]["id"] = {"a": 1}
+    data["annotations"][2]["image_id"] = "11"
+    data["annotations"].append(["not", "an", "object"])
+    with pytest.raises(DataError) as e:
+        load_coco_json(write(tmp_path, data), str(tmp_path))
+    assert [p.split(":")[1].strip() for p in e.value.problems] == [
+        "annotations[0] (id 1)", "annotations[1] (id {'a'", "annotations[2] (id 3)", "annotations[3]"]
+
+
 def test_invalid_json_and_missing_keys(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"images": [')

@@ -243,7 +243,9 @@ def _scan(data: dict[str, Any], json_file: str, image_root: str, check_files: bo
             continue
         where = f"{fname}: annotations[{i}]" + (f" (id {ann['id']})" if "id" in ann else "")
         if "id" in ann:
-            if ann["id"] in ann_ids:
+            if not _is_int(ann["id"]) and not isinstance(ann["id"], str):
+                problems.append(f"{where}: 'id' must be an integer")
+            elif ann["id"] in ann_ids:
                 problems.append(f"{where}: duplicate annotation id {ann['id']} (also annotations[{ann_ids[ann['id']]}]); "
                                 "annotation ids must be unique")
             else:
@@ -255,7 +257,7 @@ def _scan(data: dict[str, Any], json_file: str, image_root: str, check_files: bo
             problems.append(f"{where}: image_id {image_id!r} is not among the {len(images)} images; "
                             "fix the id or add the image")
         cid = ann.get("category_id")
-        if cid not in id_map or not _is_int(cid):
+        if not _is_int(cid) or cid not in id_map:
             problems.append(f"{where}: category_id {cid!r} is not among the {len(categories)} categories; "
                             "fix the id or add the category")
         iscrowd = ann.get("iscrowd", 0)
