@@ -154,3 +154,13 @@ def test_copy_paste_random_subset_keeps_invariants():
         assert not bool((masks[~is_pasted] & alpha).any())
         assert torch.equal(out["boxes"].as_subclass(torch.Tensor), boxes_from_masks(masks))
         assert bool((masks.flatten(1).sum(1) >= 1).all())
+
+
+def test_lsj_mask_window_gather_equals_resize_then_crop():
+    lsj = LargeScaleJitter(48, 0.2, 2.5)
+    for seed in range(10):
+        s = random_sample(seed, 37 + seed, 53)
+        torch.manual_seed(seed)
+        p = lsj.make_params([s["image"]])
+        ref = F.crop(F.resize(s["masks"], p["size"]), p["top"], p["left"], 48, 48)
+        assert torch.equal(lsj.transform(s["masks"], p).as_subclass(torch.Tensor), ref.as_subclass(torch.Tensor))

@@ -34,6 +34,16 @@ def make_sample(image: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) 
     }
 
 
+def _any(masks: torch.Tensor, dim: int) -> torch.Tensor:
+    """``masks.any(dim)`` for bool masks via a uint8 max (vectorised: ~50x faster on CPU)."""
+    return masks.view(torch.uint8).amax(dim=dim).view(torch.bool) if masks.numel() else masks.any(dim=dim)
+
+
+def mask_areas(masks: torch.Tensor) -> torch.Tensor:
+    """Pixel count of each bool mask ``[N, H, W]`` -> float32 ``[N]`` (exact below 2**24 pixels)."""
+    return masks.reshape(masks.shape[0], -1).view(torch.uint8).to(torch.float32).sum(dim=1)
+
+
 def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
     """Tight XYXY boxes ``[N, 4]`` (float32) of bool masks ``[N, H, W]``; pixel ``x`` spans ``[x, x+1)``.
 
@@ -42,8 +52,8 @@ def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
     n, h, w = masks.shape
     if n == 0:
         return torch.zeros((0, 4), dtype=torch.float32)
-    rows = masks.any(dim=2)  # [N, H]
-    cols = masks.any(dim=1)  # [N, W]
+    rows = _any(masks, 2)  # [N, H]
+    cols = _any(masks, 1)  # [N, W]
     ys = torch.arange(h, device=masks.device)
     xs = torch.arange(w, device=masks.device)
     big = max(h, w) + 1
@@ -58,7 +68,10 @@ def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
 def sanitize_instances(sample: Sample, min_pixels: int = 1) -> Sample:
     """Drop instances with fewer than ``min_pixels`` mask pixels; boxes := boxes of the masks."""
     masks = sample["masks"].as_subclass(torch.Tensor)
-    keep = masks.flatten(1).sum(dim=1) >= max(1, min_pixels) if masks.shape[0] else torch.zeros(0, dtype=torch.bool)
+    if min_pixels <= 1:
+        keep = _any(masks.reshape(masks.shape[0], -1), 1)  # [N]
+    else:
+        keep = mask_areas(masks) >= min_pixels
     masks = masks[keep]
     h, w = F.get_size(sample["image"])
     out = dict(sample)
@@ -161,9 +174,18 @@ class LargeScaleJitter(v2.Transform):
         return {"size": [nh, nw], "top": top, "left": left}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        s, top, left = self.image_size, params["top"], params["left"]
+        if isinstance(inpt, tv_tensors.Mask):
+            # nearest resize of only the kept window (index gather): no full-size upscaled masks
+            h, w = F.get_size(inpt)
+            nh, nw = params["size"]
+            rows = (torch.arange(top, min(top + s, nh), dtype=torch.float64) * (h / nh)).long().clamp_(max=h - 1)
+            cols = (torch.arange(left, min(left + s, nw), dtype=torch.float64) * (w / nw)).long().clamp_(max=w - 1)
+            out = inpt.as_subclass(torch.Tensor).index_select(-2, rows).index_select(-1, cols)  # [N, h', w']
+            out = tv_tensors.Mask(out)
+            return _pad_crop(out, 0, 0, s, s, 0)
         out = self._call_kernel(F.resize, inpt, size=params["size"], antialias=True)
-        s = self.image_size
-        return _pad_crop(out, params["top"], params["left"], s, s, self.pad_value)
+        return _pad_crop(out, top, left, s, s, self.pad_value)
 
 
 class RandomCrop(v2.Transform):
@@ -242,22 +264,22 @@ def copy_paste(
         raise ValueError(f"copy_paste needs equal image sizes, got {F.get_size(target['image'])} "
                          f"and {F.get_size(source['image'])}")
     src_masks = source["masks"].as_subclass(torch.Tensor)
-    src_keep = src_masks.flatten(1).any(dim=1) if src_masks.shape[0] else torch.zeros(0, dtype=torch.bool)
+    src_keep = _any(src_masks.reshape(src_masks.shape[0], -1), 1)  # [M]
     candidates = torch.nonzero(src_keep).flatten()
     if candidates.numel() == 0 or max_pasted <= 0:
         return sanitize_instances(target, min_pixels)
     count = _randint(1, min(int(candidates.numel()), max_pasted))
     chosen = candidates[torch.randperm(candidates.numel())[:count]].sort().values
     pasted = src_masks[chosen]  # [P, H, W]
-    alpha = pasted.any(dim=0)  # [H, W]
+    alpha = _any(pasted, 0)  # [H, W]
 
     image = torch.where(alpha[None], source["image"].as_subclass(torch.Tensor),
                         target["image"].as_subclass(torch.Tensor))  # [3, H, W]
     tgt_masks = target["masks"].as_subclass(torch.Tensor)
-    before = tgt_masks.flatten(1).sum(dim=1)  # [N]
+    before = mask_areas(tgt_masks)  # [N]
     visible = tgt_masks & ~alpha[None]  # [N, H, W]
-    after = visible.flatten(1).sum(dim=1)
-    keep = (after >= max(1, min_pixels)) & (after.to(torch.float32) >= min_visible * before.to(torch.float32))
+    after = mask_areas(visible)
+    keep = (after >= max(1, min_pixels)) & (after >= min_visible * before)
 
     masks = torch.cat([visible[keep], pasted], dim=0)
     labels = torch.cat([target["labels"][keep], source["labels"][chosen]], dim=0)
