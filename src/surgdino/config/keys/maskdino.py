@@ -4,7 +4,7 @@ from surgdino.config.core import declare as d
 
 d("MODEL.BACKBONE.NAME", "convnext", "str",
   "Backbone from the registry: convnext (sized by MODEL.CONVNEXT), convnext_{atto,femto,pico,nano,tiny,small,base}, D2ConvNeXt (alias of convnext), surgeryclip.")
-d("MODEL.BACKBONE.FREEZE_AT", 0, "int", "Freeze the stem and this many stages (0 = all trainable).")
+d("MODEL.BACKBONE.FREEZE_AT", 0, "int", "Frozen backbone parts, counted as in detectron2: 0 = none, 1 = stem, 2 = stem + res2, 3 = + res3, 4 = + res4, 5 = stem and all four stages; frozen parts get no gradient and run in eval mode (no drop path); ConvNeXt output norms always train.")
 
 d("MODEL.CONVNEXT.DEPTHS", [3, 3, 9, 3], "list[int]", "Blocks per stage (Tiny [3,3,9,3]; Small and Base [3,3,27,3]).")
 d("MODEL.CONVNEXT.DIMS", [96, 192, 384, 768], "list[int]", "Channels per stage (Tiny/Small [96,192,384,768]; Base [128,256,512,1024]).")
@@ -26,7 +26,7 @@ d(h + "DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES", ["res3", "res4", "res5"], "l
   "Backbone features entering the deformable encoder; must agree with NUM_FEATURE_LEVELS.")
 d(h + "DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS", 4, "int", "Sampling points per head and level in the encoder.")
 d(h + "DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS", 8, "int", "Attention heads in the encoder.")
-d(h + "DIM_FEEDFORWARD", 2048, "int", "FFN width of encoder layers.")
+d(h + "DIM_FEEDFORWARD", 1024, "int", "FFN width of encoder layers (MaskDINO configs use 1024).")
 d(h + "NUM_FEATURE_LEVELS", 3, "int",
   "How many backbone levels feed the encoder: the last N of res2..res5 (4 = res2-res5). Real effect: sets DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES when that key is left at its default; a conflict is an error.")
 d(h + "TOTAL_NUM_FEATURE_LEVELS", 4, "int", "Levels of the encoder: backbone levels plus extra stride-2 levels below the lowest resolution.")
@@ -88,3 +88,61 @@ d(m + "TEST.OBJECT_MASK_THRESHOLD", 0.25, "float", "Unused for instances (kept f
 d(m + "TEST.OVERLAP_THRESHOLD", 0.8, "float",
   "Occlusion handling: a detection whose mask IoU with a higher-scored detection is >= this is dropped (1.0 = off; 0.6 for trays).")
 d(m + "TEST.TEST_FOUCUS_ON_BOX", False, "bool", "Unused (kept for MaskDINO configs).")
+
+
+_LEVELS = ["res2", "res3", "res4", "res5"]
+_DEFAULT_ENC_IN = ["res3", "res4", "res5"]
+
+
+def encoder_in_features(cfg) -> list[str]:
+    """Backbone levels entering the deformable encoder, as NUM_FEATURE_LEVELS and
+    DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES say together (see ``check_feature_levels``)."""
+    head = cfg.MODEL.SEM_SEG_HEAD
+    n = head.NUM_FEATURE_LEVELS
+    given = list(head.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES)
+    if given == _DEFAULT_ENC_IN and n != len(given) and 1 <= n <= 4:
+        return _LEVELS[4 - n:]
+    return given
+
+
+def check_feature_levels(cfg) -> None:
+    """NUM_FEATURE_LEVELS must agree with the encoder's input features and TOTAL_NUM_FEATURE_LEVELS."""
+    from surgdino.errors import ConfigError
+
+    head = cfg.MODEL.SEM_SEG_HEAD
+    p = "MODEL.SEM_SEG_HEAD."
+    n = head.NUM_FEATURE_LEVELS
+    if not 1 <= n <= 4:
+        raise ConfigError(f"{p}NUM_FEATURE_LEVELS = {n} must be 1..4 (the last N of res2..res5)")
+    feats = encoder_in_features(cfg)
+    if len(feats) != n:
+        raise ConfigError(
+            f"{p}NUM_FEATURE_LEVELS = {n} disagrees with {p}DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = {feats}; "
+            f"set NUM_FEATURE_LEVELS to {len(feats)}, or the features to {_LEVELS[4 - n:]} (or leave them at "
+            f"their default to derive them from NUM_FEATURE_LEVELS)")
+    bad = [f for f in feats if f not in head.IN_FEATURES]
+    if bad:
+        raise ConfigError(f"{p}DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES has {bad}, not in {p}IN_FEATURES = "
+                          f"{list(head.IN_FEATURES)}; add them there or remove them")
+    if head.TOTAL_NUM_FEATURE_LEVELS < n:
+        raise ConfigError(f"{p}TOTAL_NUM_FEATURE_LEVELS = {head.TOTAL_NUM_FEATURE_LEVELS} must be >= "
+                          f"NUM_FEATURE_LEVELS = {n} (extra levels are added by stride-2 convs, never removed)")
+    md = cfg.MODEL.MaskDINO
+    if not md.TWO_STAGE:
+        raise ConfigError("MODEL.MaskDINO.TWO_STAGE = False is not supported (queries are selected from the "
+                          "encoder); set it to True")
+    if md.HIDDEN_DIM != head.CONVS_DIM:
+        raise ConfigError(f"MODEL.MaskDINO.HIDDEN_DIM = {md.HIDDEN_DIM} must equal {p}CONVS_DIM = "
+                          f"{head.CONVS_DIM} (the decoder reads the encoder's tokens); set both to one value")
+    if md.HIDDEN_DIM % md.NHEADS or head.CONVS_DIM % head.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS:
+        raise ConfigError(f"MODEL.MaskDINO.HIDDEN_DIM = {md.HIDDEN_DIM} must be divisible by MODEL.MaskDINO.NHEADS "
+                          f"and by {p}DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS")
+
+
+def _register() -> None:
+    from surgdino.config.validate import register_check
+
+    register_check(check_feature_levels)
+
+
+_register()

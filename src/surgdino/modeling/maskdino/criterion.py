@@ -1,0 +1,154 @@
+"""Set criterion: focal class, point-sampled mask BCE and dice, box L1 and GIoU on matched pairs,
+for the final layer, every auxiliary layer, the encoder's selected queries and the denoising queries."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import sigmoid_focal_loss
+
+from surgdino import comm
+from surgdino.modeling.maskdino.box_ops import box_cxcywh_to_xyxy, pairwise_generalized_box_iou
+from surgdino.modeling.maskdino.matcher import HungarianMatcher
+from surgdino.modeling.maskdino.point_sampling import (
+    point_sample,
+    sample_binary_masks,
+    uncertain_point_coords,
+)
+
+Indices = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum over pairs of the point dice loss: ``logits, targets [K, P]``."""
+    s = logits.sigmoid()
+    num = 2 * (s * targets).sum(-1)
+    den = s.sum(-1) + targets.sum(-1)
+    return (1 - (num + 1) / (den + 1)).sum()
+
+
+def sigmoid_ce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum over pairs of the mean point BCE: ``logits, targets [K, P]``."""
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(-1).sum()
+
+
+class SetCriterion(nn.Module):
+    """Weighted losses of MaskDINO's outputs; returns ``{"loss_ce": ..., "loss_ce_0": ..., "loss_ce_dn": ...}``.
+
+    Keys: ``loss_{ce,mask,dice,bbox,giou}`` for the last layer, ``_{i}`` suffixes for auxiliary layers
+    (initial prediction first), ``_interm`` for the encoder's selected queries and ``_dn``/``_dn_{i}``
+    for denoising queries. All losses are already multiplied by their weights.
+    """
+
+    def __init__(self, *, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float],
+                 num_points: int = 12544, oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75,
+                 focal_alpha: float = 0.25, focal_gamma: float = 2.0, dn: str = "seg",
+                 deep_supervision: bool = True, box_loss: bool = True):
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.weight_dict = dict(weight_dict)
+        self.num_points = num_points
+        self.oversample_ratio = oversample_ratio
+        self.importance_sample_ratio = importance_sample_ratio
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.dn = dn
+        self.deep_supervision = deep_supervision
+        self.box_loss = box_loss
+
+    # ---- individual losses, each normalised by ``num`` ----
+    def loss_labels(self, out: dict, targets: list[dict], indices: Indices, num: float) -> dict[str, torch.Tensor]:
+        logits = out["pred_logits"]  # [B, Q, C]
+        onehot = torch.zeros_like(logits)
+        b, q = self._src(indices, logits.device)
+        if b.numel():
+            labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+            onehot[b, q, labels] = 1.0
+        loss = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum")
+        return {"loss_ce": loss / num}
+
+    def loss_boxes(self, out: dict, targets: list[dict], indices: Indices, num: float) -> dict[str, torch.Tensor]:
+        b, q = self._src(indices, out["pred_boxes"].device)
+        src = out["pred_boxes"][b, q]  # [K, 4]
+        tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(src.dtype)
+        l1 = F.l1_loss(src, tgt, reduction="sum")
+        giou = (1 - pairwise_generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt))).sum()
+        return {"loss_bbox": l1 / num, "loss_giou": giou / num}
+
+    def loss_masks(self, out: dict, targets: list[dict], indices: Indices, num: float) -> dict[str, torch.Tensor]:
+        """Mask BCE and dice at uncertainty-sampled points; mask logits only for matched queries."""
+        embeds, feats = out["pred_embeds"], out["mask_features"]
+        logits, tgt_points = [], []
+        for i, (t, (qi, ti)) in enumerate(zip(targets, indices)):
+            if qi.numel() == 0:
+                continue
+            qi = qi.to(embeds.device)
+            ti = ti.to(embeds.device)
+            m = torch.einsum("kd,dhw->khw", embeds[i, qi], feats[i])  # [K_i, h, w]
+            with torch.no_grad():
+                coords = uncertain_point_coords(m[:, None].detach().float(), self.num_points,
+                                                self.oversample_ratio, self.importance_sample_ratio)  # [K_i, P, 2]
+                tgt_points.append(sample_binary_masks(t["masks"], ti, coords))  # [K_i, P]
+            logits.append(point_sample(m[:, None], coords.to(m.dtype))[:, 0])  # [K_i, P]
+        if not logits:
+            zero = embeds.sum() * 0.0 + feats.sum() * 0.0
+            return {"loss_mask": zero, "loss_dice": zero.clone()}
+        pl = torch.cat(logits).float()
+        tp = torch.cat(tgt_points).float()
+        return {"loss_mask": sigmoid_ce_loss(pl, tp) / num, "loss_dice": dice_loss(pl, tp) / num}
+
+    @staticmethod
+    def _src(indices: Indices, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        b = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)]).to(device)
+        q = torch.cat([q for q, _ in indices]).to(device)
+        return b, q
+
+    def _layer(self, out: dict, targets: list[dict], indices: Indices, num: float, masks: bool,
+               suffix: str) -> dict[str, torch.Tensor]:
+        losses = self.loss_labels(out, targets, indices, num)
+        if self.box_loss:
+            losses.update(self.loss_boxes(out, targets, indices, num))
+        if masks and "pred_embeds" in out:
+            losses.update(self.loss_masks(out, targets, indices, num))
+        return {k + suffix: v * self.weight_dict.get(k, 1.0) for k, v in losses.items()}
+
+    @staticmethod
+    def dn_indices(targets: list[dict], num_groups: int, group_size: int) -> Indices:
+        """Denoising query ``g * group_size + j`` reconstructs ground truth ``j`` of its image."""
+        out = []
+        for t in targets:
+            n = int(t["labels"].numel())
+            j = torch.arange(n, dtype=torch.int64)
+            q = (torch.arange(num_groups, dtype=torch.int64)[:, None] * group_size + j[None]).reshape(-1)
+            out.append((q, j.repeat(num_groups)))
+        return out
+
+    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """``outputs`` of the decoder (see ``MaskDINODecoder.forward``); ``targets`` per image
+        ``labels [N]``, ``boxes [N, 4]`` (cxcywh normalised to the image), ``masks [N, H, W]`` (padded)."""
+        device = outputs["pred_logits"].device
+        num = torch.as_tensor(float(sum(int(t["labels"].numel()) for t in targets)), device=device)
+        num = max(float(comm.all_reduce_mean(num).item()), 1.0)
+        layers = list(outputs.get("aux_outputs", [])) if self.deep_supervision else []
+        losses: dict[str, torch.Tensor] = {}
+        main = {k: v for k, v in outputs.items() if k.startswith("pred_") or k == "mask_features"}
+        losses.update(self._layer(main, targets, self.matcher(main, targets), num, True, ""))
+        for i, aux in enumerate(layers):
+            losses.update(self._layer(aux, targets, self.matcher(aux, targets), num, True, f"_{i}"))
+        if "interm_outputs" in outputs:
+            interm = outputs["interm_outputs"]
+            losses.update(self._layer(interm, targets, self.matcher(interm, targets), num, True, "_interm"))
+        dn_outputs = outputs.get("dn_outputs")
+        if dn_outputs:
+            meta = outputs["dn_meta"]
+            idx = self.dn_indices(targets, meta["num_groups"], meta["group_size"])
+            dn_num = num * meta["num_groups"]
+            with_masks = self.dn == "seg"
+            *dn_aux, dn_last = dn_outputs
+            losses.update(self._layer(dn_last, targets, idx, dn_num, with_masks, "_dn"))
+            if self.deep_supervision:
+                for i, aux in enumerate(dn_aux):
+                    losses.update(self._layer(aux, targets, idx, dn_num, with_masks, f"_dn_{i}"))
+        return losses
