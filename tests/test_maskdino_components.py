@@ -133,3 +133,28 @@ def test_feature_level_keys_act_or_fail():
     with pytest.raises(ConfigError, match="TOTAL_NUM_FEATURE_LEVELS"):
         load_config(None, ["MODEL.SEM_SEG_HEAD.NUM_FEATURE_LEVELS", "4",
                            "MODEL.SEM_SEG_HEAD.TOTAL_NUM_FEATURE_LEVELS", "3"])
+
+
+def test_postprocess_topk_threshold_overlap_and_original_size():
+    from surgdino.modeling.maskdino.postprocess import InstancePostProcessor
+
+    d = 3
+    feats = torch.zeros(d, 16, 16)  # padded 64×64 input, image 32×48 inside it
+    feats[0, :4, :6] = 1.0
+    feats[1, 4:8, :12] = 1.0
+    feats[2] = -1.0
+    emb = torch.tensor([[10.0, 0, 0], [10.0, 0, 0.01], [0, 10.0, 0], [0, 0, 10.0]]) - torch.tensor([0, 0, 0.0])
+    emb[:, 2] += 5.0  # background offset: feature 2 is -1 everywhere
+    logits = torch.tensor([[3.0, -9], [2.0, -9], [-9, 1.0], [-9, -9]])
+    boxes = torch.tensor([[0.25, 0.25, 0.5, 0.5]] * 4)
+    pp = InstancePostProcessor(detections_per_image=300, overlap_threshold=0.6, score_threshold=0.05)
+    out = pp(logits, boxes, emb, feats, image_size=(32, 48), padded_size=(64, 64), out_size=(64, 96))
+    assert out["masks"].shape[1:] == (64, 96) and out["masks"].dtype == torch.bool
+    # query 1 duplicates query 0's mask with a lower score → dropped; query 3 scores ~0 → dropped
+    assert out["labels"].tolist() == [0, 1] and len(out["scores"]) == 2
+    assert torch.allclose(out["boxes"][0], torch.tensor([0.0, 0.0, 48.0, 32.0]))
+    assert out["masks"][0, :28, :44].all() and not out["masks"][0, 36:].any()
+    off = InstancePostProcessor(detections_per_image=5, overlap_threshold=1.0)
+    assert len(off(logits, boxes, emb, feats, (32, 48), (64, 64), (64, 96))["scores"]) == 5
+    one = InstancePostProcessor(detections_per_image=300, overlap_threshold=1.0, one_label_per_query=True)
+    assert len(one(logits, boxes, emb, feats, (32, 48), (64, 64), (64, 96))["scores"]) == 4
