@@ -1,0 +1,164 @@
+"""Train-step time and peak memory of our MaskDINO (ConvNeXt-T, the user document's sizes) against HF
+transformers' Mask2Former with a ConvNeXt-T backbone (random init, its own defaults), same batch; plus
+inference latency at 800×800. Each model runs in its own process so peak memory is its own.
+
+    python benchmarks/train_step.py                 # batch 2, 512×512, 25 instances, 500 classes
+    python benchmarks/train_step.py --small         # a quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import statistics
+import time
+
+import torch
+
+
+def _batch(b: int, size: int, n: int, classes: int, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(b):
+        masks = torch.zeros(n, size, size, dtype=torch.bool)
+        boxes = torch.zeros(n, 4)
+        for i in range(n):
+            x0, y0 = torch.randint(0, size - 64, (2,), generator=g).tolist()
+            w, h = torch.randint(16, 64, (2,), generator=g).tolist()
+            masks[i, y0:y0 + h, x0:x0 + w] = True
+            boxes[i] = torch.tensor([x0, y0, x0 + w, y0 + h], dtype=torch.float32)
+        out.append({"image": torch.randint(0, 255, (3, size, size), dtype=torch.uint8, generator=g),
+                    "height": size, "width": size, "image_id": 0, "file_name": "",
+                    "instances": {"boxes": boxes, "masks": masks,
+                                  "classes": torch.randint(0, classes, (n,), generator=g)}})
+    return out
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _ours(args, batch, device):
+    from surgdino.config import load_config
+    from surgdino.modeling import build_model
+
+    opts = ["MODEL.BACKBONE.NAME", "convnext_tiny", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", str(args.classes),
+            "MODEL.MaskDINO.NUM_OBJECT_QUERIES", str(args.queries), "MODEL.MaskDINO.DEC_LAYERS", str(args.layers),
+            "MODEL.MaskDINO.TRAIN_NUM_POINTS", str(args.points), "MODEL.MaskDINO.DN_NUM", "150",
+            "MODEL.SEM_SEG_HEAD.NUM_FEATURE_LEVELS", "4", "TEST.DETECTIONS_PER_IMAGE", "300"]
+    if args.small:
+        opts += ["MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1"]
+    model = build_model(load_config(None, opts)).to(device)
+
+    def step():
+        losses = model(batch)
+        sum(losses.values()).backward()
+
+    def infer(x):
+        model.eval()
+        with torch.no_grad():
+            model(x)
+        model.train()
+
+    return model, step, infer
+
+
+def _peer(args, batch, device):
+    from transformers import ConvNextConfig, Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+
+    bb = ConvNextConfig(depths=[3, 3, 9, 3], hidden_sizes=[96, 192, 384, 768],
+                        out_features=["stage1", "stage2", "stage3", "stage4"])
+    cfg = Mask2FormerConfig(backbone_config=bb, num_labels=args.classes, use_pretrained_backbone=False)
+    if args.small:
+        cfg.encoder_layers = 1
+    model = Mask2FormerForUniversalSegmentation(cfg).to(device).train()
+    mean = torch.tensor([123.675, 116.28, 103.53], device=device).view(1, 3, 1, 1)
+    std = torch.tensor([58.395, 57.12, 57.375], device=device).view(1, 3, 1, 1)
+    pix = (torch.stack([x["image"] for x in batch]).to(device).float() - mean) / std
+    mask_labels = [x["instances"]["masks"].to(device).float() for x in batch]
+    class_labels = [x["instances"]["classes"].to(device) for x in batch]
+
+    def step():
+        out = model(pixel_values=pix, mask_labels=mask_labels, class_labels=class_labels)
+        out.loss.backward()
+
+    def infer(x):
+        model.eval()
+        p = (torch.stack([i["image"] for i in x]).to(device).float() - mean) / std
+        with torch.no_grad():
+            model(pixel_values=p)
+        model.train()
+
+    return model, step, infer
+
+
+def _run(which: str, args, queue) -> None:
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads) if args.threads else None
+    device = torch.device(args.device)
+    batch = _batch(args.batch, args.size, args.instances, args.classes)
+    model, step, infer = (_ours if which == "ours" else _peer)(args, batch, device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    base = _peak_mb(device) if device.type == "cuda" else 0.0
+    times = []
+    for i in range(args.warmup + args.iters):
+        model.zero_grad(set_to_none=True)
+        sync()
+        t = time.perf_counter()
+        step()
+        sync()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t)
+    peak = _peak_mb(device) - base
+    big = _batch(1, args.infer_size, args.instances, args.classes, seed=1)
+    lat = []
+    for _ in range(max(args.iters, 2)):
+        sync()
+        t = time.perf_counter()
+        infer(big)
+        sync()
+        lat.append(time.perf_counter() - t)
+    queue.put((which, statistics.median(times), peak, statistics.median(lat)))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--infer-size", type=int, default=800)
+    p.add_argument("--instances", type=int, default=25)
+    p.add_argument("--classes", type=int, default=500)
+    p.add_argument("--queries", type=int, default=400)
+    p.add_argument("--layers", type=int, default=9)
+    p.add_argument("--points", type=int, default=16384)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--small", action="store_true", help="tiny sizes for a smoke run")
+    args = p.parse_args()
+    if args.small:
+        args.size, args.infer_size, args.instances, args.iters, args.warmup = 128, 160, 5, 1, 0
+        args.queries, args.layers, args.points = 50, 2, 1024
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    res = {}
+    for which in ("ours", "peer"):
+        proc = ctx.Process(target=_run, args=(which, args, queue))
+        proc.start()
+        w, t, m, lat = queue.get()
+        proc.join()
+        res[w] = (t, m, lat)
+        print(f"{w:5s} step {t * 1000:9.1f} ms  peak {m:9.1f} MB  infer@{args.infer_size} {lat * 1000:9.1f} ms", flush=True)
+    (to, mo, lo), (tp, mp_, lp) = res["ours"], res["peer"]
+    print(f"ratio ours/peer: step time {to / tp:.2f}x  peak memory {mo / max(mp_, 1e-9):.2f}x  "
+          f"inference {lo / lp:.2f}x  (device {args.device}, batch {args.batch}, {args.size}x{args.size})")
+
+
+if __name__ == "__main__":
+    main()
