@@ -9,6 +9,7 @@ from torch import nn
 from surgdino.modeling.backbone import build_backbone
 from surgdino.modeling.maskdino.box_ops import box_xyxy_to_cxcywh
 from surgdino.modeling.maskdino.criterion import SetCriterion
+from surgdino.modeling.maskdino.de_imbalance import DIMaskDINODecoder  # noqa: F401  (fills DECODER_REGISTRY)
 from surgdino.modeling.maskdino.decoder import MaskDINODecoder  # noqa: F401  (fills DECODER_REGISTRY)
 from surgdino.modeling.maskdino.matcher import HungarianMatcher
 from surgdino.modeling.maskdino.postprocess import InstancePostProcessor
@@ -48,11 +49,12 @@ class MaskDINO(nn.Module):
                                    focal_alpha=m.FOCAL_ALPHA, focal_gamma=m.FOCAL_GAMMA)
         weights = {"loss_ce": m.CLASS_WEIGHT, "loss_mask": m.MASK_WEIGHT, "loss_dice": m.DICE_WEIGHT,
                    "loss_bbox": m.BOX_WEIGHT, "loss_giou": m.GIOU_WEIGHT}
-        criterion = SetCriterion(num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, matcher=matcher, weight_dict=weights,
-                                 num_points=m.TRAIN_NUM_POINTS, oversample_ratio=m.OVERSAMPLE_RATIO,
-                                 importance_sample_ratio=m.IMPORTANCE_SAMPLE_RATIO, focal_alpha=m.FOCAL_ALPHA,
-                                 focal_gamma=m.FOCAL_GAMMA, dn=m.DN, deep_supervision=m.DEEP_SUPERVISION,
-                                 box_loss=m.BOX_LOSS)
+        crit_args = dict(num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, matcher=matcher, weight_dict=weights,
+                         num_points=m.TRAIN_NUM_POINTS, oversample_ratio=m.OVERSAMPLE_RATIO,
+                         importance_sample_ratio=m.IMPORTANCE_SAMPLE_RATIO, focal_alpha=m.FOCAL_ALPHA,
+                         focal_gamma=m.FOCAL_GAMMA, dn=m.DN, deep_supervision=m.DEEP_SUPERVISION, box_loss=m.BOX_LOSS)
+        build_criterion = getattr(dec_cls, "build_criterion", None)  # DI-MaskDINO adds token-interaction losses
+        criterion = build_criterion(cfg, **crit_args) if build_criterion else SetCriterion(**crit_args)
         return cls(backbone=backbone, pixel_decoder=pixel_decoder, decoder=decoder, criterion=criterion,
                    postprocessor=InstancePostProcessor.from_config(cfg), pixel_mean=cfg.MODEL.PIXEL_MEAN,
                    pixel_std=cfg.MODEL.PIXEL_STD,
