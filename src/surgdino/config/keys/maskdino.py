@@ -77,10 +77,14 @@ d(m + "SIZE_DIVISIBILITY", 32, "int", "Batched images are padded to a multiple o
 d(m + "TRAIN_NUM_POINTS", 12544, "int", "Points sampled per mask for the mask losses and costs (16384 for thin instruments).")
 d(m + "OVERSAMPLE_RATIO", 3.0, "float", "Point sampling: candidates = TRAIN_NUM_POINTS × this.")
 d(m + "IMPORTANCE_SAMPLE_RATIO", 0.75, "float", "Point sampling: fraction of points taken where the mask is most uncertain.")
-d(m + "FIRST_SELECTED_QUERIES", 600, "int", "DI: tokens kept by the first selection (800 for trays).")
-d(m + "NUM_GUIDING_TOKENS", 50, "int", "BATO: guiding tokens taken after decoder layer 0 (100 for trays).")
-d(m + "TI_LAYERS", 2, "int", "DI: token-interaction layers between the two selections (3 for trays).")
-d(m + "TI_LOSS_WEIGHT", 1.0, "float", "DI: multiplier of the class and box losses on token-interaction outputs (under DEEP_SUPERVISION).")
+d(m + "FIRST_SELECTED_QUERIES", 600, "int",
+  "DI: encoder tokens kept by the first selection (best class score; boxes from their masks per INITIALIZE_BOX_TYPE); the token-interaction layers refine them and the second selection keeps NUM_OBJECT_QUERIES of them; must be >= NUM_OBJECT_QUERIES (800 for trays).")
+d(m + "NUM_GUIDING_TOKENS", 50, "int",
+  "BATO: after decoder layer 0 this many best-scoring queries (never denoising queries) guide an update of every encoder token (the memory of layers >= 1) and of the mask features (masks from layer 1 on); 0 = BATO off; needs DEC_LAYERS >= 2 (100 for trays).")
+d(m + "TI_LAYERS", 2, "int",
+  "DI: token-interaction layers between the two selections (self-attention with box positions, FFN, box refinement; each layer's box delta is applied once, the reference code adds it twice); 0 = the second selection takes the first's best (3 for trays).")
+d(m + "TI_LOSS_WEIGHT", 1.0, "float",
+  "DI: multiplier of the class and box losses on each token-interaction layer's outputs (loss_{ce,bbox,giou}_ti{i} = usual weight × this; own Hungarian matching on class and box costs); only when DEEP_SUPERVISION is on; 0 = off.")
 d(m + "TEST.INSTANCE_ON", True, "bool", "Instance segmentation output (the only task).")
 d(m + "TEST.SEMANTIC_ON", False, "bool", "Semantic output: not supported; must stay False.", choices=[False])
 d(m + "TEST.PANOPTIC_ON", False, "bool", "Panoptic output: not supported; must stay False.", choices=[False])
