@@ -135,6 +135,31 @@ def tiny_cfg(out_dir: str, **over):
     return load_config(None, flat)
 
 
+# A tiny real MaskDINO (atto ConvNeXt, 1 encoder and 1 decoder layer, few queries and points): seconds per
+# run on a CPU, for the command-line tests.
+TINY_MASKDINO = {
+    "META_ARCHITECTURE": "MaskDINO",
+    "BACKBONE": {"NAME": "convnext_atto"},
+    "CONVNEXT": {"DROP_PATH_RATE": 0.1},  # stochastic: resume must restore the RNG
+    "SEM_SEG_HEAD": {"CONVS_DIM": 32, "MASK_DIM": 32, "NUM_FEATURE_LEVELS": 3, "TOTAL_NUM_FEATURE_LEVELS": 3,
+                     "TRANSFORMER_ENC_LAYERS": 1, "DIM_FEEDFORWARD": 64,
+                     "DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS": 4},
+    "MaskDINO": {"HIDDEN_DIM": 32, "NHEADS": 4, "DIM_FEEDFORWARD": 64, "DEC_LAYERS": 1, "NUM_OBJECT_QUERIES": 8,
+                 "FIRST_SELECTED_QUERIES": 16, "NUM_GUIDING_TOKENS": 4, "TI_LAYERS": 1, "TRAIN_NUM_POINTS": 64,
+                 "DN_NUM": 6},
+}
+
+
+def tiny_maskdino_model_cfg(num_classes: int = 3) -> dict:
+    """The ``MODEL`` section of a tiny MaskDINO config (a fresh nested dict)."""
+    import copy
+
+    model = copy.deepcopy(TINY_MASKDINO)
+    model["SEM_SEG_HEAD"]["NUM_CLASSES"] = num_classes
+    model["DEVICE"] = "cpu"
+    return model
+
+
 def losses_of(out_dir: str) -> dict[int, float]:
     import json
 

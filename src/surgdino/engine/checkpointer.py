@@ -2,13 +2,17 @@
 
 Files are written atomically (temp file, then rename) and a ``last_checkpoint`` text file names the
 newest one (fvcore's convention). ``resume`` restores everything; ``load_weights`` loads model
-weights only, skipping missing, unexpected and mismatched-shape tensors with a log line. A corrupt
-or truncated file raises ``CheckpointError``; resuming falls back to the previous good checkpoint.
+weights only, skipping missing, unexpected and mismatched-shape tensors with a log line; besides our
+checkpoints it reads detectron2-style ``.pkl`` files (``{"model": {name: numpy array}}``, as written by
+``surgdino convert convnext --format d2``) and bare ConvNeXt weights (official ImageNet, timm or our
+backbone state dict), which land in ``backbone.*``. A corrupt or truncated file raises
+``CheckpointError``; resuming falls back to the previous good checkpoint.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 from typing import Any
@@ -42,12 +46,32 @@ def atomic_save(obj: Any, path: str) -> None:
     os.replace(tmp, path)
 
 
+def _load_pickle(path: str) -> Any:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="latin1")  # detectron2 .pkl files may come from Python 2
+
+
+def _load_file(path: str) -> Any:
+    """``.pkl``: plain pickle; otherwise ``torch.load`` (a plain pickle under another name is tried too)."""
+    if path.endswith(".pkl"):
+        return _load_pickle(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:
+        try:
+            return _load_pickle(path)
+        except Exception:
+            pass
+        raise
+
+
 def read_checkpoint(path: str) -> dict[str, Any]:
-    """Load a checkpoint file to CPU; ``CheckpointError`` naming the file if missing or unreadable."""
+    """Load a checkpoint file (``torch.save`` or a detectron2 ``.pkl``) to CPU; ``CheckpointError`` naming
+    the file if missing or unreadable."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}; check MODEL.WEIGHTS or the path given")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = _load_file(path)
     except Exception as e:  # truncated zip, pickle garbage, wrong format
         raise CheckpointError(
             f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
@@ -58,15 +82,37 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     return obj
 
 
+def _as_tensor(v: Any) -> torch.Tensor | None:
+    if isinstance(v, torch.Tensor):
+        return v
+    if isinstance(v, np.ndarray) and v.dtype != object:
+        return torch.from_numpy(np.ascontiguousarray(v))
+    return None
+
+
 def _state_dict_of(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The model state dict inside a checkpoint (ours, detectron2-style ``model`` key, or a bare dict)."""
+    """The model state dict inside a checkpoint, as tensors named like our full model.
+
+    Ours (``model``), detectron2 ``.pkl`` (``model`` of numpy arrays), ``state_dict``/``model_state`` or a
+    bare dict; DDP's ``module.`` prefix removed; bare ConvNeXt weights (official, timm, ours) become
+    ``backbone.*``, and official-layout ``backbone.downsample_layers.*`` names are converted.
+    """
+    from surgdino.modeling.backbone.convnext import convnext_as_model_weights, to_surgdino_convnext
+
+    bare = convnext_as_model_weights(obj)
+    if bare is not None:
+        return bare
     for key in ("model", "state_dict", "model_state"):
         if isinstance(obj.get(key), dict):
             obj = obj[key]
             break
-    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    state = {k: t for k, t in ((k, _as_tensor(v)) for k, v in obj.items()) if t is not None}
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
+    if any(k.startswith("backbone.downsample_layers.") for k in state):  # official ConvNeXt detection names
+        converted, _ = to_surgdino_convnext({k: v for k, v in state.items() if k.startswith("backbone.")})
+        state = {k: v for k, v in state.items() if not k.startswith("backbone.")}
+        state.update({f"backbone.{k}": v for k, v in converted.items()})
     return state
 
 

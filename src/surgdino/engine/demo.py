@@ -36,16 +36,23 @@ def demo_config_path() -> str:
     return str(resources.files("surgdino") / DEMO_CONFIG)
 
 
-def ensure_demo_dataset(root: str, params: dict[str, Any]) -> dict[str, str]:
-    """Generate the demo trays under ``root/<params hash>`` unless there; returns json/image paths."""
+def demo_dataset_paths(root: str, params: dict[str, Any]) -> dict[str, str]:
+    """Where the demo trays for ``params`` live: ``root/trays_<params hash>/`` (json and image paths)."""
     key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
     folder = os.path.join(os.path.abspath(os.path.expanduser(root)), f"trays_{key}")
-    paths = {
+    return {
+        "folder": folder,
         "train_json": os.path.join(folder, "annotations", "instances_train.json"),
         "val_json": os.path.join(folder, "annotations", "instances_val.json"),
         "train_dir": os.path.join(folder, "train"),
         "val_dir": os.path.join(folder, "val"),
     }
+
+
+def ensure_demo_dataset(root: str, params: dict[str, Any]) -> dict[str, str]:
+    """Generate the demo trays under ``root/<params hash>`` unless there; returns json/image paths."""
+    paths = demo_dataset_paths(root, params)
+    folder = paths["folder"]
     if os.path.isfile(paths["train_json"]) and os.path.isfile(paths["val_json"]):
         return paths
     from surgdino.data.synthetic import generate_synthetic_dataset
@@ -101,8 +108,13 @@ def run_demo(output: str = "./output/demo", data_root: str | None = None, *, qui
     t0 = time.perf_counter()
     params = QUICK_DATA if quick else DEMO_DATA
     root = data_root or os.path.join("~", ".cache", "surgdino", "demo_trays")
+    # the config (overrides, MODEL.WEIGHTS) is checked before minutes go into generating data
+    cfg = demo_config(output, demo_dataset_paths(root, params), quick=quick, opts=opts,
+                      num_classes=params["num_classes"])
+    if cfg.MODEL.WEIGHTS and not os.path.isfile(os.path.expanduser(cfg.MODEL.WEIGHTS)):
+        raise ConfigError(f"MODEL.WEIGHTS file not found: {cfg.MODEL.WEIGHTS}; give an existing .pth/.pkl path "
+                          "or leave it out to train from scratch")
     paths = ensure_demo_dataset(root, params)
-    cfg = demo_config(output, paths, quick=quick, opts=opts, num_classes=params["num_classes"])
     results = train_main(cfg)
     train_s = time.perf_counter() - t0
 
@@ -126,6 +138,6 @@ def run_demo(output: str = "./output/demo", data_root: str | None = None, *, qui
     print("  model_final.pth, config.yaml, log.txt, metrics.jsonl, TensorBoard events, *.png training curves")
     print(f"  inference/{cfg.DATASETS.TEST[0]}/  results.json, per_class_ap.txt, per_class_ap.png")
     print(f"  predictions/  {len(images)} drawn validation images and coco_results.json")
-    print(f"dataset in {os.path.dirname(paths['train_json'])[:-len('/annotations')]}")
+    print(f"dataset in {paths['folder']}")
     print("=" * 72)
     return {"results": results, "seconds": seconds, "output": out}

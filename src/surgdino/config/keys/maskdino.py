@@ -11,6 +11,7 @@ d("MODEL.CONVNEXT.DIMS", [96, 192, 384, 768], "list[int]", "Channels per stage (
 d("MODEL.CONVNEXT.DROP_PATH_RATE", 0.2, "float", "Stochastic depth rate (linearly increasing over blocks).")
 d("MODEL.CONVNEXT.LAYER_SCALE_INIT_VALUE", 1e-6, "float", "Initial layer-scale gamma.")
 d("MODEL.CONVNEXT.OUT_FEATURES", ["res2", "res3", "res4", "res5"], "list[str]", "Stages returned (strides 4, 8, 16, 32).")
+d("MODEL.CONVNEXT.GRAD_CHECKPOINTING", False, "bool", "Recompute ConvNeXt stage activations in backward to save memory (slower; training only, same gradients).")
 
 h = "MODEL.SEM_SEG_HEAD."
 d(h + "NAME", "MaskDINOHead", "str", "Head name (detectron2 compatibility).")

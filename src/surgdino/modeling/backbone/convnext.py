@@ -19,6 +19,7 @@ import torch
 from timm.layers import LayerNorm2d
 from timm.models.convnext import ConvNeXt
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from surgdino.errors import CheckpointError, ConfigError
 from surgdino.log import get_logger
@@ -79,8 +80,8 @@ class ConvNeXtBackbone(Backbone):
         # stage i: [downsample (LayerNorm2d + conv 2x2 stride 2) for i > 0] + blocks; stages after the last
         # returned one are not built (no unused parameters under DDP)
         self.stages = net.stages[: self._out_idx[-1] + 1]
-        for stage in self.stages:  # recompute block activations in backward: less memory at high resolution
-            stage.grad_checkpointing = grad_checkpointing
+        # recompute each stage's activations in backward (training only): less memory at high resolution
+        self.grad_checkpointing = bool(grad_checkpointing)
         for i in self._out_idx:
             self.add_module(f"norm{i}", LayerNorm2d(self.dims[i], eps=1e-6))
         self.freeze_at = freeze_at
@@ -108,8 +109,13 @@ class ConvNeXtBackbone(Backbone):
             raise ValueError(f"ConvNeXt expects images [B, 3, H, W], got {tuple(images.shape)}")
         x = self.stem(images)  # [B, C0, H/4, W/4]
         out = {}
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for i, stage in enumerate(self.stages):
-            x = stage(x)  # [B, Ci, H/2^(i+2), W/2^(i+2)]
+            if recompute and (x.requires_grad or any(p.requires_grad for p in stage.parameters())):
+                # keeps only the stage input; drop path's RNG state is replayed, so gradients are the same
+                x = checkpoint(stage, x, use_reentrant=False)
+            else:
+                x = stage(x)  # [B, Ci, H/2^(i+2), W/2^(i+2)]
             if i in self._out_idx:
                 out[STAGE_NAMES[i]] = getattr(self, f"norm{i}")(x)
         return out
@@ -131,7 +137,7 @@ class ConvNeXtBackbone(Backbone):
             layer_scale_init_value=c.LAYER_SCALE_INIT_VALUE,
             out_features=list(c.OUT_FEATURES),
             freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
-            grad_checkpointing=bool(cfg.get("MODEL.CONVNEXT.GRAD_CHECKPOINTING", False)),
+            grad_checkpointing=c.GRAD_CHECKPOINTING,
         )
 
 
