@@ -158,3 +158,49 @@ def test_postprocess_topk_threshold_overlap_and_original_size():
     assert len(off(logits, boxes, emb, feats, (32, 48), (64, 64), (64, 96))["scores"]) == 5
     one = InstancePostProcessor(detections_per_image=300, overlap_threshold=1.0, one_label_per_query=True)
     assert len(one(logits, boxes, emb, feats, (32, 48), (64, 64), (64, 96))["scores"]) == 4
+
+
+def test_msda_gradients_equal_plain_grid_sample_autograd():
+    """The memory-light autograd function of deformable attention gives the gradients of the plain
+    grid_sample + weighting formulation (value, locations and weights)."""
+    import torch.nn.functional as F
+
+    from surgdino.modeling.layers import ms_deform_attn_core
+
+    def plain(value, shapes, locs, weights):
+        B, S, nH, C = value.shape
+        Q = locs.shape[1]
+        out = 0
+        for lvl, (v, (h, w)) in enumerate(zip(value.split([h * w for h, w in shapes], 1), shapes)):
+            v = v.flatten(2).transpose(1, 2).reshape(B * nH, C, h, w)
+            g = (2 * locs[:, :, :, lvl] - 1).transpose(1, 2).flatten(0, 1)  # [B*nH, Q, P, 2]
+            s = F.grid_sample(v, g, align_corners=False)  # [B*nH, C, Q, P]
+            out = out + (s * weights[:, :, :, lvl].transpose(1, 2).flatten(0, 1)[:, None]).sum(-1)
+        return out.reshape(B, nH * C, Q).transpose(1, 2)
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(6, 4), (3, 5), (2, 2)]
+    B, Q, nH, C, P = 2, 7, 2, 3, 3
+    S = sum(h * w for h, w in shapes)
+    value = torch.randn(B, S, nH, C, generator=g, dtype=torch.float64, requires_grad=True)
+    locs = (torch.rand(B, Q, nH, 3, P, 2, generator=g, dtype=torch.float64) * 1.4 - 0.2).requires_grad_()
+    weights = torch.rand(B, Q, nH, 3, P, generator=g, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(B, Q, nH * C, generator=g, dtype=torch.float64)
+    ours = torch.autograd.grad((ms_deform_attn_core(value, shapes, locs, weights) * grad_out).sum(),
+                               (value, locs, weights))
+    ref = torch.autograd.grad((plain(value, shapes, locs, weights) * grad_out).sum(), (value, locs, weights))
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b)
+    # only some inputs need gradients (e.g. frozen values)
+    (gl,) = torch.autograd.grad((ms_deform_attn_core(value.detach(), shapes, locs, weights) * grad_out).sum(), locs)
+    torch.testing.assert_close(gl, ref[1])
+
+
+def test_mask_bce_cost_equals_pairwise_bce():
+    from surgdino.modeling.maskdino.matcher import mask_bce_cost
+
+    logits = torch.randn(5, 40) * 4
+    t = (torch.rand(3, 40) > 0.5).float()
+    ref = torch.stack([torch.stack([torch.nn.functional.binary_cross_entropy_with_logits(logits[q], t[n])
+                                    for n in range(3)]) for q in range(5)])
+    assert torch.allclose(mask_bce_cost(logits, t), ref, atol=1e-5)

@@ -129,6 +129,9 @@ class SetCriterion(nn.Module):
         """``outputs`` of the decoder (see ``MaskDINODecoder.forward``); ``targets`` per image
         ``labels [N]``, ``boxes [N, 4]`` (cxcywh normalised to the image), ``masks [N, H, W]`` (padded)."""
         device = outputs["pred_logits"].device
+        # float masks once per step: every layer's matching and mask loss samples them (see sample_binary_masks)
+        targets = [dict(t, masks=t["masks"].float()) if not t["masks"].dtype.is_floating_point else t
+                   for t in targets]
         num = torch.as_tensor(float(sum(int(t["labels"].numel()) for t in targets)), device=device)
         num = max(float(comm.all_reduce_mean(num).item()), 1.0)
         layers = list(outputs.get("aux_outputs", [])) if self.deep_supervision else []

@@ -115,13 +115,13 @@ class MaskDINODecoder(nn.Module):
         """Two-stage selection → (content ``[B, Q, D]`` detached, reference boxes unsigmoided ``[B, Q, 4]``
         detached, encoder-loss outputs)."""
         out_mem, props, valid = self.proposals(memory, memory_mask, shapes)
-        cls = self.class_embed(out_mem)  # [B, S, C]
-        coord = self.bbox_embed(out_mem) + props  # [B, S, 4] unsigmoided
-        scores = cls.max(-1).values.masked_fill(~valid, float("-inf"))
+        with torch.no_grad():  # scores only rank the tokens; the selected ones' outputs are recomputed below
+            scores = self.class_embed(out_mem).max(-1).values.masked_fill(~valid, float("-inf"))  # [B, S]
         k = min(self.num_queries, scores.shape[1])
         idx = scores.topk(k, dim=1).indices  # [B, Q]
         tgt = torch.gather(out_mem, 1, idx[..., None].expand(-1, -1, out_mem.shape[-1]))  # [B, Q, D]
-        ref_unsig = torch.gather(coord, 1, idx[..., None].expand(-1, -1, 4))  # [B, Q, 4]
+        # box head on the selected tokens only (same values as on all S tokens, then gathered)
+        ref_unsig = self.bbox_embed(tgt) + torch.gather(props, 1, idx[..., None].expand(-1, -1, 4))  # [B, Q, 4]
         interm = self.heads(tgt, mask_features)
         interm["pred_boxes"] = ref_unsig.sigmoid()
         ref = ref_unsig.detach()

@@ -22,9 +22,8 @@ def focal_class_cost(logits: torch.Tensor, labels: torch.Tensor, alpha: float, g
 def mask_bce_cost(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean point BCE of every pair: ``logits [Q, P]``, ``targets [N, P]`` → ``[Q, N]``."""
     p = logits.shape[1]
-    pos = F.softplus(-logits)  # BCE against 1
-    neg = F.softplus(logits)  # BCE against 0
-    return (pos @ targets.T + neg @ (1 - targets).T) / max(p, 1)
+    # softplus(-x) t + softplus(x) (1 - t) = softplus(x) - x t: one softplus and one product
+    return (F.softplus(logits).sum(-1, keepdim=True) - logits @ targets.T) / max(p, 1)
 
 
 def mask_dice_cost(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

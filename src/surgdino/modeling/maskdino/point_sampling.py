@@ -27,8 +27,8 @@ def uncertain_point_coords(mask_logits: torch.Tensor, num_points: int, oversampl
     n_imp = int(importance_sample_ratio * num_points)
     n_rand = num_points - n_imp
     cand = torch.rand(k, n_cand, 2, device=device)  # [K, P*ratio, 2]
-    uncertainty = -point_sample(mask_logits, cand)[:, 0].abs()  # [K, P*ratio]
-    idx = uncertainty.topk(n_imp, dim=1).indices  # [K, n_imp]
+    certainty = point_sample(mask_logits, cand)[:, 0].abs()  # [K, P*ratio]
+    idx = certainty.topk(n_imp, dim=1, largest=False, sorted=False).indices  # [K, n_imp]; order is irrelevant
     chosen = torch.gather(cand, 1, idx[..., None].expand(-1, -1, 2))  # [K, n_imp, 2]
     if n_rand > 0:
         chosen = torch.cat([chosen, torch.rand(k, n_rand, 2, device=device)], dim=1)
@@ -36,27 +36,32 @@ def uncertain_point_coords(mask_logits: torch.Tensor, num_points: int, oversampl
 
 
 def sample_binary_masks(masks: torch.Tensor, index: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-    """Bilinear values of boolean ``masks [N, H, W]`` rows ``index [K]`` at ``coords [K, P, 2]`` → ``[K, P]``.
+    """Bilinear values of masks ``[N, H, W]`` (boolean, or already float) rows ``index [K]`` at
+    ``coords [K, P, 2]`` → ``[K, P]``.
 
     Same numbers as ``point_sample(masks[index, None].float(), coords)`` (align_corners=False, zeros
-    outside), without materialising K float copies of full-resolution masks.
+    outside), without K copies of full-resolution masks: the pairs of each target are laid side by side
+    in one grid of that target (``[N, M, P]``, M = most pairs of one target: 1 for matched queries, the
+    number of groups for denoising queries), so one ``grid_sample`` reads every pair. Pass float masks
+    (``masks.float()``, made once per step) to avoid converting them on every call.
     """
-    h, w = masks.shape[-2:]
-    x = coords[..., 0] * w - 0.5  # [K, P] pixel coordinates
-    y = coords[..., 1] * h - 0.5
-    x0 = x.floor()
-    y0 = y.floor()
-    wx = x - x0
-    wy = y - y0
-    x0 = x0.long()
-    y0 = y0.long()
-    rows = index[:, None].expand_as(x0)
-    out = torch.zeros_like(x)
-    for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1)):
-        xi = x0 + dx
-        yi = y0 + dy
-        inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
-        val = masks[rows, yi.clamp(0, h - 1), xi.clamp(0, w - 1)] & inside
-        weight = (wx if dx else 1 - wx) * (wy if dy else 1 - wy)
-        out = out + val.to(out.dtype) * weight
-    return out
+    n = masks.shape[0]
+    k, p = coords.shape[:2]
+    if k == 0 or n == 0:
+        return coords.new_zeros(k, p)
+    index = index.to(coords.device)
+    counts = torch.bincount(index, minlength=n)
+    m = int(counts.max())
+    if m == 1:
+        rank = torch.zeros_like(index)
+    else:  # position of each pair among the pairs of its target
+        order = torch.argsort(index, stable=True)
+        first = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(index)
+        rank[order] = torch.arange(k, device=index.device) - first[index[order]]
+    grid = coords.new_zeros(n, m, p, 2)
+    grid[index, rank] = 2.0 * coords - 1.0
+    src = masks[:, None] if masks.dtype.is_floating_point else masks[:, None].to(coords.dtype)  # [N, 1, H, W]
+    out = F.grid_sample(src.to(coords.dtype), grid, mode="bilinear", padding_mode="zeros",
+                        align_corners=False)  # [N, 1, M, P]
+    return out[index, 0, rank]
