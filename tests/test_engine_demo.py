@@ -34,7 +34,8 @@ def test_demo_quick(tmp_path, capsys):
     out, data = tmp_path / "demo", tmp_path / "data"
     assert main(["demo", "--quick", "--output", str(out), "--data-root", str(data)]) == 0
     printed = capsys.readouterr().out
-    assert "SurgDINO demo" in printed and "outputs in" in printed
+    assert "SurgDINO demo: DI-MaskDINO" in printed and "outputs in" in printed
+    assert "time:" in printed and "mask AP50" in printed and "box AP" in printed  # the summary
     for f in ("model_final.pth", "config.yaml", "metrics.jsonl", "log.txt"):
         assert (out / f).is_file(), f
     assert (out / "inference" / "demo_trays_val" / "results.json").is_file()

@@ -249,7 +249,8 @@ class Trainer:
         if cfg.DATASETS.TEST:
             def on_results(done: int, flat: dict[str, float]) -> None:
                 writer.write_results(done, flat)
-                plot.plot()
+                if done < cfg.SOLVER.MAX_ITER:  # the final curves are drawn after training
+                    plot.plot()
 
             hooks.append(H.EvalHook(cfg.TEST.EVAL_PERIOD, lambda: self.test(cfg, unwrap(self.trainer.model)),
                                     checkpointer=self.checkpointer, best_metric=cfg.TEST.BEST_METRIC,

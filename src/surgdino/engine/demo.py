@@ -12,6 +12,8 @@ import time
 from importlib import resources
 from typing import Any
 
+import torch
+
 from surgdino.config import Config, load_config
 from surgdino.config.validate import validate
 from surgdino.errors import ConfigError
@@ -23,12 +25,15 @@ DEMO_CONFIG = "configs/demo/dimaskdino_atto_trays.yaml"
 # The demo's trays: few classes and instruments at a small size, so a CPU reaches mask AP50 >= 0.5.
 DEMO_DATA = {"num_train": 300, "num_val": 30, "num_classes": 5, "image_size": 256,
              "instances_per_image": (3, 6), "seed": 0}
-QUICK_DATA = {"num_train": 8, "num_val": 4, "num_classes": 5, "image_size": 128,
+QUICK_DATA = {"num_train": 6, "num_val": 4, "num_classes": 5, "image_size": 96,
               "instances_per_image": (2, 4), "seed": 0}
-QUICK_OPTS = {"SOLVER.MAX_ITER": 4, "SOLVER.STEPS": [], "SOLVER.WARMUP_ITERS": 0, "SOLVER.CHECKPOINT_PERIOD": 2,
-              "SOLVER.IMS_PER_BATCH": 2, "SOLVER.LOG_PERIOD": 1, "INPUT.MIN_SIZE_TRAIN": [128],
-              "INPUT.MAX_SIZE_TRAIN": 128, "INPUT.MIN_SIZE_TEST": 128, "INPUT.MAX_SIZE_TEST": 128}
+# --quick: a smoke test of every step (data, training, checkpoint, evaluation, drawing), not of learning
+QUICK_OPTS = {"SOLVER.MAX_ITER": 3, "SOLVER.STEPS": [], "SOLVER.WARMUP_ITERS": 0, "SOLVER.CHECKPOINT_PERIOD": 2,
+              "SOLVER.IMS_PER_BATCH": 2, "SOLVER.LOG_PERIOD": 1, "TEST.EVAL_PERIOD": 0,
+              "MODEL.MaskDINO.TRAIN_NUM_POINTS": 256, "INPUT.MIN_SIZE_TRAIN": [96],
+              "INPUT.MAX_SIZE_TRAIN": 96, "INPUT.MIN_SIZE_TEST": 96, "INPUT.MAX_SIZE_TEST": 96}
 NUM_DRAWN = 6
+DRAW_SCORE_THRESHOLD = 0.5
 
 
 def demo_config_path() -> str:
@@ -100,7 +105,7 @@ def demo_config(output: str, paths: dict[str, str], *, quick: bool = False, opts
 
 def run_demo(output: str = "./output/demo", data_root: str | None = None, *, quick: bool = False,
              opts: list[str] | None = None) -> dict[str, Any]:
-    """The whole demo; returns ``{"results", "seconds", "output"}``."""
+    """The whole demo; returns ``{"results", "seconds", "output"}`` (``results``: the final evaluation)."""
     from surgdino.engine.cli import train_main
     from surgdino.engine.predictor import Predictor, list_images, predict_files
     from surgdino.evaluation.coco_evaluator import format_metrics
@@ -115,29 +120,39 @@ def run_demo(output: str = "./output/demo", data_root: str | None = None, *, qui
         raise ConfigError(f"MODEL.WEIGHTS file not found: {cfg.MODEL.WEIGHTS}; give an existing .pth/.pkl path "
                           "or leave it out to train from scratch")
     paths = ensure_demo_dataset(root, params)
+    data_s = time.perf_counter() - t0
     results = train_main(cfg)
-    train_s = time.perf_counter() - t0
+    train_s = time.perf_counter() - t0 - data_s
 
     final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
     pcfg = cfg.merge({"MODEL.WEIGHTS": final})
     drawn_dir = os.path.join(cfg.OUTPUT_DIR, "predictions")
     images = list_images(paths["val_dir"])[:NUM_DRAWN]
-    predict_files(Predictor(pcfg), images, drawn_dir, score_threshold=0.5)
+    predict_files(Predictor(pcfg), images, drawn_dir, score_threshold=DRAW_SCORE_THRESHOLD)
     seconds = time.perf_counter() - t0
 
     out = os.path.abspath(cfg.OUTPUT_DIR)
-    ap50 = (results.get("segm") or {}).get("AP50")
+    segm, bbox = results.get("segm") or {}, results.get("bbox") or {}
+    model = "DI-MaskDINO" if cfg.MODEL.MaskDINO.TRANSFORMER_DECODER_NAME == "DIMaskDINODecoder" else "MaskDINO"
+    lo, hi = params["instances_per_image"]
     print("\n" + "=" * 72)
-    print(f"SurgDINO demo: DI-MaskDINO (ConvNeXt-atto) on {params['num_train']} synthetic trays, "
-          f"{cfg.SOLVER.MAX_ITER} iterations, {seconds / 60:.1f} min ({train_s / 60:.1f} min data + training)")
+    print(f"SurgDINO demo: {model} (ConvNeXt-atto) trained from scratch for {cfg.SOLVER.MAX_ITER} iterations on "
+          f"{params['num_train']} synthetic trays ({params['num_classes']} classes, {lo}-{hi} instruments, "
+          f"{params['image_size']} px)")
+    print(f"time: {seconds / 60:.1f} min in all (data {data_s / 60:.1f} min, training and evaluation "
+          f"{train_s / 60:.1f} min, drawing {(seconds - data_s - train_s) / 60:.1f} min), "
+          f"{torch.get_num_threads()} CPU threads")
     if results:
         print(format_metrics(results))
-    if ap50 is not None:
-        print(f"mask AP50 on {params['num_val']} validation trays: {ap50:.1f}")
+    if segm:
+        print(f"on {params['num_val']} validation trays: mask AP {segm.get('AP', float('nan')):.1f}, "
+              f"mask AP50 {segm.get('AP50', float('nan')):.1f}, box AP {bbox.get('AP', float('nan')):.1f}, "
+              f"box AP50 {bbox.get('AP50', float('nan')):.1f}")
     print(f"outputs in {out}:")
     print("  model_final.pth, config.yaml, log.txt, metrics.jsonl, TensorBoard events, *.png training curves")
     print(f"  inference/{cfg.DATASETS.TEST[0]}/  results.json, per_class_ap.txt, per_class_ap.png")
-    print(f"  predictions/  {len(images)} drawn validation images and coco_results.json")
+    print(f"  predictions/  {len(images)} validation images drawn (score >= {DRAW_SCORE_THRESHOLD}) "
+          "and coco_results.json")
     print(f"dataset in {paths['folder']}")
     print("=" * 72)
     return {"results": results, "seconds": seconds, "output": out}

@@ -185,10 +185,20 @@ class PlotHook(HookBase):
     def __init__(self, metrics_path: str, out_dir: str):
         self.metrics_path = metrics_path
         self.out_dir = out_dir
+        self._drawn: tuple[int, int] | None = None  # (size, mtime) of the metrics file last drawn
 
     def plot(self) -> None:
-        if comm.is_main_process():
+        """Draw unless ``metrics.jsonl`` is unchanged since the last drawing (matplotlib takes seconds)."""
+        if not comm.is_main_process():
+            return
+        try:
+            st = os.stat(self.metrics_path)
+        except OSError:
+            return
+        sig = (st.st_size, st.st_mtime_ns)
+        if sig != self._drawn:
             plot_metrics(self.metrics_path, self.out_dir)
+            self._drawn = sig
 
     def after_train(self) -> None:
         self.plot()
