@@ -2,8 +2,15 @@
 transformers' Mask2Former with a ConvNeXt-T backbone (random init, its own defaults), same batch; plus
 inference latency at 800×800. Each model runs in its own process so peak memory is its own.
 
-    python benchmarks/train_step.py                 # batch 2, 512×512, 25 instances, 500 classes
-    python benchmarks/train_step.py --small         # a quick smoke run
+Our encoder levels (``--levels``): ``user`` = the user document's 4 levels res2–res5 (strides 4–32,
+~4× the encoder tokens of the peer, whose encoder reads strides 8–32); ``standard`` = MaskDINO's
+res3–res5 plus one extra stride-64 level. ``--decoder both`` adds DIMaskDINODecoder rows at the user
+document's sizes (FIRST_SELECTED_QUERIES 800, NUM_GUIDING_TOKENS 100, TI_LAYERS 3) when it is registered.
+Our inference includes post-processing (top-300 masks at the original size); the peer's is its raw forward.
+
+    python benchmarks/train_step.py                       # both level set-ups, MaskDINODecoder, vs the peer
+    python benchmarks/train_step.py --levels user --decoder both --iters 1
+    python benchmarks/train_step.py --small               # a quick smoke run
 """
 
 from __future__ import annotations
@@ -41,17 +48,37 @@ def _peak_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _ours(args, batch, device):
-    from surgdino.config import load_config
-    from surgdino.modeling import build_model
+LEVELS = {
+    "user": ["MODEL.SEM_SEG_HEAD.NUM_FEATURE_LEVELS", "4",
+             "MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES", "['res2','res3','res4','res5']",
+             "MODEL.SEM_SEG_HEAD.TOTAL_NUM_FEATURE_LEVELS", "4"],
+    "standard": ["MODEL.SEM_SEG_HEAD.NUM_FEATURE_LEVELS", "3",
+                 "MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES", "['res3','res4','res5']",
+                 "MODEL.SEM_SEG_HEAD.TOTAL_NUM_FEATURE_LEVELS", "4"],
+}
+DI = ["MODEL.MaskDINO.FIRST_SELECTED_QUERIES", "800", "MODEL.MaskDINO.NUM_GUIDING_TOKENS", "100",
+      "MODEL.MaskDINO.TI_LAYERS", "3"]
 
+
+def _ours_opts(args, levels: str, decoder: str) -> list[str]:
     opts = ["MODEL.BACKBONE.NAME", "convnext_tiny", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", str(args.classes),
             "MODEL.MaskDINO.NUM_OBJECT_QUERIES", str(args.queries), "MODEL.MaskDINO.DEC_LAYERS", str(args.layers),
             "MODEL.MaskDINO.TRAIN_NUM_POINTS", str(args.points), "MODEL.MaskDINO.DN_NUM", "150",
-            "MODEL.SEM_SEG_HEAD.NUM_FEATURE_LEVELS", "4", "TEST.DETECTIONS_PER_IMAGE", "300"]
+            "TEST.DETECTIONS_PER_IMAGE", "300", "MODEL.MaskDINO.TRANSFORMER_DECODER_NAME", decoder] + LEVELS[levels]
+    if decoder == "DIMaskDINODecoder":
+        opts += DI
+        if args.small:
+            opts += ["MODEL.MaskDINO.FIRST_SELECTED_QUERIES", "100", "MODEL.MaskDINO.NUM_GUIDING_TOKENS", "20"]
     if args.small:
         opts += ["MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1"]
-    model = build_model(load_config(None, opts)).to(device)
+    return opts
+
+
+def _ours(args, batch, device, levels: str, decoder: str):
+    from surgdino.config import load_config
+    from surgdino.modeling import build_model
+
+    model = build_model(load_config(None, _ours_opts(args, levels, decoder))).to(device)
 
     def step():
         losses = model(batch)
@@ -100,7 +127,11 @@ def _run(which: str, args, queue) -> None:
     torch.set_num_threads(args.threads) if args.threads else None
     device = torch.device(args.device)
     batch = _batch(args.batch, args.size, args.instances, args.classes)
-    model, step, infer = (_ours if which == "ours" else _peer)(args, batch, device)
+    if which == "peer":
+        model, step, infer = _peer(args, batch, device)
+    else:
+        levels, decoder = which.split("/")
+        model, step, infer = _ours(args, batch, device, levels, decoder)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -140,24 +171,48 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--levels", choices=["user", "standard", "both"], default="both",
+                   help="our encoder levels: user = res2-res5, standard = res3-res5 + 1 extra (MaskDINO)")
+    p.add_argument("--decoder", choices=["MaskDINODecoder", "DIMaskDINODecoder", "both"], default="MaskDINODecoder")
+    p.add_argument("--no-peer", action="store_true", help="only our rows (no ratios against the peer)")
     p.add_argument("--small", action="store_true", help="tiny sizes for a smoke run")
     args = p.parse_args()
     if args.small:
         args.size, args.infer_size, args.instances, args.iters, args.warmup = 128, 160, 5, 1, 0
         args.queries, args.layers, args.points = 50, 2, 1024
+    import surgdino.modeling.maskdino.model  # noqa: F401  (fills the decoder registry)
+    from surgdino.registry import DECODER_REGISTRY
+
+    decoders = ["MaskDINODecoder", "DIMaskDINODecoder"] if args.decoder == "both" else [args.decoder]
+    if "DIMaskDINODecoder" in decoders and "DIMaskDINODecoder" not in DECODER_REGISTRY:
+        print("DIMaskDINODecoder is not registered: its rows are skipped")
+        decoders.remove("DIMaskDINODecoder")
+    levels = ["user", "standard"] if args.levels == "both" else [args.levels]
+    runs = [f"{lv}/{dec}" for lv in levels for dec in decoders] + ([] if args.no_peer else ["peer"])
+    print(f"device {args.device}, batch {args.batch}, {args.size}x{args.size}, {args.instances} instances, "
+          f"{args.classes} classes; ours: ConvNeXt-T, {args.queries} queries, {args.layers} decoder layers, "
+          f"{args.points} points; levels user = res2-res5, standard = res3-res5 + 1 extra", flush=True)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     res = {}
-    for which in ("ours", "peer"):
+    for which in runs:
         proc = ctx.Process(target=_run, args=(which, args, queue))
         proc.start()
         w, t, m, lat = queue.get()
         proc.join()
         res[w] = (t, m, lat)
-        print(f"{w:5s} step {t * 1000:9.1f} ms  peak {m:9.1f} MB  infer@{args.infer_size} {lat * 1000:9.1f} ms", flush=True)
-    (to, mo, lo), (tp, mp_, lp) = res["ours"], res["peer"]
-    print(f"ratio ours/peer: step time {to / tp:.2f}x  peak memory {mo / max(mp_, 1e-9):.2f}x  "
-          f"inference {lo / lp:.2f}x  (device {args.device}, batch {args.batch}, {args.size}x{args.size})")
+        print(f"{w:28s} step {t * 1000:9.1f} ms  peak {m:9.1f} MB  infer@{args.infer_size} {lat * 1000:9.1f} ms",
+              flush=True)
+    for w, (t, m, lat) in res.items():
+        if w != "peer" and "peer" in res:
+            tp, mp_, lp = res["peer"]
+            print(f"ratio {w} / peer: step time {t / tp:.2f}x  peak memory {m / max(mp_, 1e-9):.2f}x  "
+                  f"inference {lat / lp:.2f}x")
+    for lv in levels:
+        a, b = res.get(f"{lv}/DIMaskDINODecoder"), res.get(f"{lv}/MaskDINODecoder")
+        if a and b:
+            print(f"ratio {lv}: DIMaskDINODecoder / MaskDINODecoder: step time {a[0] / b[0]:.2f}x  "
+                  f"peak memory {a[1] / max(b[1], 1e-9):.2f}x  inference {a[2] / b[2]:.2f}x")
 
 
 if __name__ == "__main__":
