@@ -204,3 +204,25 @@ def test_mask_bce_cost_equals_pairwise_bce():
     ref = torch.stack([torch.stack([torch.nn.functional.binary_cross_entropy_with_logits(logits[q], t[n])
                                     for n in range(3)]) for q in range(5)])
     assert torch.allclose(mask_bce_cost(logits, t), ref, atol=1e-5)
+
+
+def test_eager_loss_gradients_equal_plain_autograd():
+    """Mask and class losses keep their gradients instead of their intermediates: same values and grads."""
+    from surgdino.modeling.maskdino.criterion import _eager, _focal_sum, _mask_point_losses
+
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(3, 16, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    coords = torch.rand(3, 50, 2, generator=g, dtype=torch.float64)
+    t = (torch.rand(3, 50, generator=g) > 0.5).double()
+    w = torch.tensor([2.0, 3.0], dtype=torch.float64)
+    a = _eager(_mask_point_losses, m, coords, t)
+    b = _mask_point_losses(m, coords, t)
+    (ga,) = torch.autograd.grad((torch.stack(a) * w).sum(), m)
+    (gb,) = torch.autograd.grad((torch.stack(b) * w).sum(), m)
+    torch.testing.assert_close(torch.stack(a), torch.stack(b).detach())
+    torch.testing.assert_close(ga, gb)
+    logits = torch.randn(2, 5, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    onehot = (torch.rand(2, 5, 7, generator=g) > 0.8).double()
+    (ga,) = torch.autograd.grad(_eager(_focal_sum, logits, onehot, 0.25, 2.0)[0], logits)
+    (gb,) = torch.autograd.grad(_focal_sum(logits, onehot, 0.25, 2.0)[0], logits)
+    torch.testing.assert_close(ga, gb)

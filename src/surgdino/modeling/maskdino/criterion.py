@@ -33,6 +33,48 @@ def sigmoid_ce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(-1).sum()
 
 
+def _mask_point_losses(mask_logits: torch.Tensor, coords: torch.Tensor, targets: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed point BCE and dice of ``mask_logits [K, h, w]`` read at ``coords [K, P, 2]`` against ``targets [K, P]``."""
+    pl = point_sample(mask_logits[:, None], coords.to(mask_logits.dtype))[:, 0].float()  # [K, P]
+    return sigmoid_ce_loss(pl, targets), dice_loss(pl, targets)
+
+
+def _focal_sum(logits: torch.Tensor, onehot: torch.Tensor, alpha: float, gamma: float) -> tuple[torch.Tensor]:
+    return (sigmoid_focal_loss(logits, onehot, alpha=alpha, gamma=gamma, reduction="sum"),)
+
+
+class _EagerGrad(torch.autograd.Function):
+    """Scalar losses ``fn(x, *args)`` whose gradients w.r.t. ``x`` are computed in the forward and kept
+    (one tensor of ``x``'s size per loss) instead of the losses' intermediates (point logits, sigmoids,
+    sampling grids: several times ``x``'s size per layer, for every decoder layer until the backward).
+    Same values and gradients as calling ``fn`` under autograd."""
+
+    @staticmethod
+    def forward(ctx, x, fn, *args):
+        with torch.enable_grad():
+            xd = x.detach().requires_grad_()
+            outs = fn(xd, *args)
+            grads = [torch.autograd.grad(o, xd, retain_graph=i + 1 < len(outs))[0] for i, o in enumerate(outs)]
+        ctx.save_for_backward(*grads)
+        ctx.num_args = len(args)
+        return tuple(o.detach() for o in outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grad_outs):
+        grad = None
+        for go, g in zip(grad_outs, ctx.saved_tensors):
+            grad = go * g if grad is None else grad + go * g
+        return (grad, None) + (None,) * ctx.num_args
+
+
+def _eager(fn, x: torch.Tensor, *args) -> tuple[torch.Tensor, ...]:
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _EagerGrad.apply(x, fn, *args)
+    return fn(x, *args)
+
+
 class SetCriterion(nn.Module):
     """Weighted losses of MaskDINO's outputs; returns ``{"loss_ce": ..., "loss_ce_0": ..., "loss_ce_dn": ...}``.
 
@@ -66,7 +108,7 @@ class SetCriterion(nn.Module):
         if b.numel():
             labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
             onehot[b, q, labels] = 1.0
-        loss = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum")
+        (loss,) = _eager(_focal_sum, logits, onehot, self.focal_alpha, self.focal_gamma)
         return {"loss_ce": loss / num}
 
     def loss_boxes(self, out: dict, targets: list[dict], indices: Indices, num: float) -> dict[str, torch.Tensor]:
@@ -80,7 +122,7 @@ class SetCriterion(nn.Module):
     def loss_masks(self, out: dict, targets: list[dict], indices: Indices, num: float) -> dict[str, torch.Tensor]:
         """Mask BCE and dice at uncertainty-sampled points; mask logits only for matched queries."""
         embeds, feats = out["pred_embeds"], out["mask_features"]
-        logits, tgt_points = [], []
+        masks, coords, tgt_points = [], [], []
         for i, (t, (qi, ti)) in enumerate(zip(targets, indices)):
             if qi.numel() == 0:
                 continue
@@ -88,16 +130,17 @@ class SetCriterion(nn.Module):
             ti = ti.to(embeds.device)
             m = torch.einsum("kd,dhw->khw", embeds[i, qi], feats[i])  # [K_i, h, w]
             with torch.no_grad():
-                coords = uncertain_point_coords(m[:, None].detach().float(), self.num_points,
-                                                self.oversample_ratio, self.importance_sample_ratio)  # [K_i, P, 2]
-                tgt_points.append(sample_binary_masks(t["masks"], ti, coords))  # [K_i, P]
-            logits.append(point_sample(m[:, None], coords.to(m.dtype))[:, 0])  # [K_i, P]
-        if not logits:
+                c = uncertain_point_coords(m[:, None].detach().float(), self.num_points,
+                                           self.oversample_ratio, self.importance_sample_ratio)  # [K_i, P, 2]
+                tgt_points.append(sample_binary_masks(t["masks"], ti, c))  # [K_i, P]
+            masks.append(m)
+            coords.append(c)
+        if not masks:
             zero = embeds.sum() * 0.0 + feats.sum() * 0.0
             return {"loss_mask": zero, "loss_dice": zero.clone()}
-        pl = torch.cat(logits).float()
-        tp = torch.cat(tgt_points).float()
-        return {"loss_mask": sigmoid_ce_loss(pl, tp) / num, "loss_dice": dice_loss(pl, tp) / num}
+        m = torch.cat(masks) if len(masks) > 1 else masks[0]
+        bce, dice = _eager(_mask_point_losses, m, torch.cat(coords), torch.cat(tgt_points).float())
+        return {"loss_mask": bce / num, "loss_dice": dice / num}
 
     @staticmethod
     def _src(indices: Indices, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
