@@ -7,6 +7,8 @@ prints a table with the DI/MaskDINO ratios.
 
     python benchmarks/quality.py --iters 300            # ~5 min per model on 2 CPU cores
     python benchmarks/quality.py --iters 40 --num-train 16 --num-val 4   # smoke run
+    python benchmarks/quality.py --size 128 --iters 400 SOLVER.BASE_LR 1e-3 INPUT.MIN_SIZE_TRAIN "[128]" \
+        INPUT.MAX_SIZE_TRAIN 128 INPUT.MIN_SIZE_TEST 128 INPUT.MAX_SIZE_TEST 128
 
 Small runs are noisy: AP after a few hundred iterations mostly measures how fast each model starts to
 learn, not its converged quality. Compare several seeds (``--seed``) before drawing conclusions.
@@ -55,6 +57,11 @@ def _config(out_dir: str, data: str, decoder: str, args: argparse.Namespace):
         "SEED": args.seed,
         "MODEL.DEVICE": "cpu",
     }, source="benchmarks/quality.py")
+    opts = list(args.opts)
+    if len(opts) % 2:
+        raise SystemExit(f"config overrides come in KEY VALUE pairs; {opts[-1]!r} has no value")
+    for k, v in zip(opts[0::2], opts[1::2]):
+        cfg = cfg.merge({k: v}, source="command line")
     validate(cfg)
     return cfg
 
@@ -78,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", default=list(DECODERS), choices=list(DECODERS))
     p.add_argument("--work-dir", default=None, help="where data and outputs go (default: a temporary folder)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides for both models, e.g. SOLVER.BASE_LR 1e-3")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -102,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"synthetic trays: {args.num_train} train / {args.num_val} val images, {args.size} px, "
           f"{args.num_classes} classes, {args.instances[0]}-{args.instances[1]} instruments; "
-          f"{args.iters} iterations x {args.batch} images, seed {args.seed}, torch threads {torch.get_num_threads()}")
+          f"{args.iters} iterations x {args.batch} images, seed {args.seed}, torch threads {torch.get_num_threads()}"
+          + (f", overrides {' '.join(args.opts)}" if args.opts else ""))
     print(f"{'model':<12} {'train+eval s':>12} {'mask AP':>8} {'AP50':>6} {'AP75':>6} {'box AP':>7} {'AP50':>6} {'AP75':>6}")
     for name, r in rows.items():
         s, b = r["segm"], r["bbox"]

@@ -125,6 +125,7 @@ class DIMaskDINODecoder(MaskDINODecoder):
       add their layer-0 box position embeddings; encoder tokens use the same embedding of their
       proposal boxes. The mask-feature branch (conv + GroupNorm + GELU) starts at zero (its norm's scale
       is 0), so an untrained BATO leaves the mask features as they are and learns how much to add.
+      BATO's FFN has the encoder's width (``SEM_SEG_HEAD.DIM_FEEDFORWARD``): it transforms encoder tokens.
     * ``ti_layers = 0`` and ``num_guiding_tokens = 0`` reduce this decoder to MaskDINO's (same outputs for
       the same weights).
     """
