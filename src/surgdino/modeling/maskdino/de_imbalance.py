@@ -195,15 +195,14 @@ class DIMaskDINODecoder(MaskDINODecoder):
         ``[B, Q, D]`` and unsigmoided boxes ``[B, Q, 4]`` (both in the graph when ``ti_layers > 0``) and the
         encoder-loss outputs; TI outputs go to the context for ``forward``."""
         out_mem, props, valid = self.proposals(memory, memory_mask, shapes)
-        cls = self.class_embed(out_mem)  # [B, S, C]
-        coord = self.bbox_embed(out_mem) + props  # [B, S, 4] unsigmoided
-        scores = cls.max(-1).values.masked_fill(~valid, float("-inf"))
+        with torch.no_grad():  # scores only rank the tokens
+            scores = self.class_embed(out_mem).max(-1).values.masked_fill(~valid, float("-inf"))  # [B, S]
         k1 = min(self.first_selected_queries, scores.shape[1])
         k = min(self.num_queries, k1)
         idx = scores.topk(k1, dim=1).indices  # [B, K1], best first
         d = out_mem.shape[-1]
         tgt = torch.gather(out_mem, 1, idx[..., None].expand(-1, -1, d))  # [B, K1, D]
-        ref_unsig = torch.gather(coord, 1, idx[..., None].expand(-1, -1, 4))
+        ref_unsig = self.bbox_embed(tgt) + torch.gather(props, 1, idx[..., None].expand(-1, -1, 4))  # unsigmoided
         sel_valid = torch.gather(valid, 1, idx)  # [B, K1]
         first = self.heads(tgt, mask_features)
         interm = {"pred_logits": first["pred_logits"][:, :k], "pred_embeds": first["pred_embeds"][:, :k],
