@@ -103,6 +103,10 @@ def demo_config(output: str, paths: dict[str, str], *, quick: bool = False, opts
     return cfg
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
 def run_demo(output: str = "./output/demo", data_root: str | None = None, *, quick: bool = False,
              opts: list[str] | None = None) -> dict[str, Any]:
     """The whole demo; returns ``{"results", "seconds", "output"}`` (``results``: the final evaluation)."""
@@ -139,8 +143,8 @@ def run_demo(output: str = "./output/demo", data_root: str | None = None, *, qui
     print(f"SurgDINO demo: {model} (ConvNeXt-atto) trained from scratch for {cfg.SOLVER.MAX_ITER} iterations on "
           f"{params['num_train']} synthetic trays ({params['num_classes']} classes, {lo}-{hi} instruments, "
           f"{params['image_size']} px)")
-    print(f"time: {seconds / 60:.1f} min in all (data {data_s / 60:.1f} min, training and evaluation "
-          f"{train_s / 60:.1f} min, drawing {(seconds - data_s - train_s) / 60:.1f} min), "
+    print(f"time: {_duration(seconds)} in all (data {_duration(data_s)}, training and evaluation "
+          f"{_duration(train_s)}, drawing {_duration(seconds - data_s - train_s)}), "
           f"{torch.get_num_threads()} CPU threads")
     if results:
         print(format_metrics(results))
