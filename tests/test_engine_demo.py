@@ -29,6 +29,21 @@ def test_demo_config_is_packaged_and_valid():
     assert cfg.MODEL.BACKBONE.NAME == "convnext_atto" and cfg.MODEL.DEVICE == "auto"
 
 
+def test_demo_config_fits_demo_data():
+    """The demo trains DI-MaskDINO at the generated trays' own size, with their classes and enough queries."""
+    from surgdino.config import load_config
+    from surgdino.engine.demo import DEMO_DATA, demo_config_path
+
+    cfg = load_config(demo_config_path())
+    size = DEMO_DATA["image_size"]
+    assert cfg.MODEL.MaskDINO.TRANSFORMER_DECODER_NAME == "DIMaskDINODecoder"
+    assert list(cfg.INPUT.MIN_SIZE_TRAIN) == [size] and cfg.INPUT.MAX_SIZE_TRAIN == size
+    assert cfg.INPUT.MIN_SIZE_TEST == size and cfg.INPUT.MAX_SIZE_TEST == size
+    assert cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == DEMO_DATA["num_classes"] >= 3
+    assert DEMO_DATA["instances_per_image"][1] <= cfg.MODEL.MaskDINO.NUM_OBJECT_QUERIES
+    assert DEMO_DATA["instances_per_image"][1] <= cfg.TEST.DETECTIONS_PER_IMAGE
+
+
 @pytest.mark.skipif(not _maskdino_available(), reason="MaskDINO meta-architecture not available yet")
 def test_demo_quick(tmp_path, capsys):
     out, data = tmp_path / "demo", tmp_path / "data"
