@@ -24,7 +24,7 @@ from surgdino.errors import ConfigError
 from surgdino.modeling.layers import MLP, gen_sineembed_for_position, inverse_sigmoid
 from surgdino.modeling.maskdino.box_ops import box_xyxy_to_cxcywh, masks_to_boxes
 from surgdino.modeling.maskdino.criterion import SetCriterion
-from surgdino.modeling.maskdino.decoder import MaskDINODecoder
+from surgdino.modeling.maskdino.decoder import MaskDINODecoder, token_boxes
 from surgdino.modeling.pixel_decoder import MaskedGroupNorm
 from surgdino.registry import DECODER_REGISTRY
 
@@ -72,26 +72,6 @@ class GuidedTokenUpdate(nn.Module):
         x = self.norm1(memory + self.dropout(att))
         x = self.norm2(x + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x))))))
         return torch.where(memory_mask[..., None], memory, x)
-
-
-def token_boxes(memory_mask: torch.Tensor, shapes: list[tuple[int, int]]) -> torch.Tensor:
-    """Per encoder token a box ``[B, S, 4]`` (cx, cy, w, h): its cell centre normalised by the image's
-    unpadded extent on its level and a size growing 2x per coarser level (MaskDINO's proposal geometry)."""
-    order = sorted(range(len(shapes)), key=lambda i: -shapes[i][0] * shapes[i][1])
-    rank = {lvl: r for r, lvl in enumerate(order)}
-    out, start = [], 0
-    bsz, dev = memory_mask.shape[0], memory_mask.device
-    for lvl, (h, w) in enumerate(shapes):
-        m = memory_mask[:, start:start + h * w].view(bsz, h, w)
-        vh = (~m[:, :, 0]).sum(1).float().clamp(min=1)
-        vw = (~m[:, 0, :]).sum(1).float().clamp(min=1)
-        gy, gx = torch.meshgrid(torch.arange(h, device=dev, dtype=torch.float32),
-                                torch.arange(w, device=dev, dtype=torch.float32), indexing="ij")
-        xy = torch.stack([(gx + 0.5)[None] / vw[:, None, None], (gy + 0.5)[None] / vh[:, None, None]], -1)
-        wh = torch.full_like(xy, 0.05 * 2.0 ** rank[lvl])
-        out.append(torch.cat([xy, wh], -1).view(bsz, h * w, 4))
-        start += h * w
-    return torch.cat(out, 1).clamp(0.0, 1.0)
 
 
 def _replicate_padding(x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,26 @@ from surgdino.modeling.pixel_decoder import valid_ratios
 from surgdino.registry import DECODER_REGISTRY
 
 
+def token_boxes(memory_mask: torch.Tensor, shapes: list[tuple[int, int]]) -> torch.Tensor:
+    """Per encoder token a box ``[B, S, 4]`` (cx, cy, w, h): its cell centre normalised by the image's
+    unpadded extent on its level and a size growing 2x per coarser level (MaskDINO's proposal geometry)."""
+    order = sorted(range(len(shapes)), key=lambda i: -shapes[i][0] * shapes[i][1])
+    rank = {lvl: r for r, lvl in enumerate(order)}
+    out, start = [], 0
+    bsz, dev = memory_mask.shape[0], memory_mask.device
+    for lvl, (h, w) in enumerate(shapes):
+        m = memory_mask[:, start:start + h * w].view(bsz, h, w)
+        vh = (~m[:, :, 0]).sum(1).float().clamp(min=1)
+        vw = (~m[:, 0, :]).sum(1).float().clamp(min=1)
+        gy, gx = torch.meshgrid(torch.arange(h, device=dev, dtype=torch.float32),
+                                torch.arange(w, device=dev, dtype=torch.float32), indexing="ij")
+        xy = torch.stack([(gx + 0.5)[None] / vw[:, None, None], (gy + 0.5)[None] / vh[:, None, None]], -1)
+        wh = torch.full_like(xy, 0.05 * 2.0 ** rank[lvl])
+        out.append(torch.cat([xy, wh], -1).view(bsz, h * w, 4))
+        start += h * w
+    return torch.cat(out, 1).clamp(0.0, 1.0)
+
+
 class DecoderLayer(nn.Module):
     """Post-norm layer: self-attention (with the denoising mask), deformable cross-attention, FFN."""
 
@@ -92,20 +112,7 @@ class MaskDINODecoder(nn.Module):
 
     def proposals(self, memory, memory_mask, shapes):
         """Per token a box prior (its cell, size by resolution) and the transformed memory; invalid → masked."""
-        props, start = [], 0
-        order = sorted(range(len(shapes)), key=lambda i: -shapes[i][0] * shapes[i][1])
-        rank = {lvl: r for r, lvl in enumerate(order)}
-        for lvl, (h, w) in enumerate(shapes):
-            m = memory_mask[:, start:start + h * w].view(-1, h, w)
-            vh = (~m[:, :, 0]).sum(1).float()
-            vw = (~m[:, 0, :]).sum(1).float()
-            gy, gx = torch.meshgrid(torch.arange(h, device=memory.device, dtype=torch.float32),
-                                    torch.arange(w, device=memory.device, dtype=torch.float32), indexing="ij")
-            xy = torch.stack([(gx + 0.5)[None] / vw[:, None, None], (gy + 0.5)[None] / vh[:, None, None]], -1)
-            wh = torch.full_like(xy, 0.05 * 2.0 ** rank[lvl])
-            props.append(torch.cat([xy, wh], -1).view(memory.shape[0], -1, 4))
-            start += h * w
-        props = torch.cat(props, 1)  # [B, S, 4]
+        props = token_boxes(memory_mask, shapes)  # [B, S, 4] float32
         valid = ((props > 0.01) & (props < 0.99)).all(-1) & ~memory_mask
         props = inverse_sigmoid(props).masked_fill(~valid[..., None], 0.0)
         out = self.enc_output_norm(self.enc_output(memory.masked_fill(~valid[..., None], 0.0)))
