@@ -30,6 +30,7 @@ DECODERS = {"MaskDINO": "MaskDINODecoder", "DI-MaskDINO": "DIMaskDINODecoder"}
 
 def _config(out_dir: str, data: str, decoder: str, args: argparse.Namespace):
     from surgdino.config import load_config
+    from surgdino.config.core import merge_opts
     from surgdino.config.validate import validate
     from surgdino.engine.demo import demo_config_path
 
@@ -57,11 +58,7 @@ def _config(out_dir: str, data: str, decoder: str, args: argparse.Namespace):
         "SEED": args.seed,
         "MODEL.DEVICE": "cpu",
     }, source="benchmarks/quality.py")
-    opts = list(args.opts)
-    if len(opts) % 2:
-        raise SystemExit(f"config overrides come in KEY VALUE pairs; {opts[-1]!r} has no value")
-    for k, v in zip(opts[0::2], opts[1::2]):
-        cfg = cfg.merge({k: v}, source="command line")
+    cfg = merge_opts(cfg, args.opts)
     validate(cfg)
     return cfg
 

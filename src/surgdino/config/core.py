@@ -304,6 +304,16 @@ def _resolve_paths(item: Any, base: str) -> Any:
     return out
 
 
+def merge_opts(cfg: Config, opts: list[str] | None) -> Config:
+    """``cfg`` with detectron2-style ``KEY VALUE`` overrides applied (typed, unknown keys rejected)."""
+    opts = list(opts or [])
+    if len(opts) % 2:
+        raise ConfigError(f"overrides must come in KEY VALUE pairs; {opts[-1]!r} has no value")
+    for name, value in zip(opts[0::2], opts[1::2]):
+        cfg = cfg.merge({name: value}, source="command line")
+    return cfg
+
+
 def load_config(config_file: str | None = None, opts: list[str] | None = None) -> Config:
     """Defaults ← YAML file (with its ``_BASE_`` chain) ← ``KEY VALUE`` overrides."""
     cfg = default_config()
@@ -313,11 +323,7 @@ def load_config(config_file: str | None = None, opts: list[str] | None = None) -
             if name not in known:
                 raise _unknown(name, path)
             cfg = cfg.merge({name: value}, source=path)
-    opts = list(opts or [])
-    if len(opts) % 2:
-        raise ConfigError(f"overrides must come in KEY VALUE pairs; {opts[-1]!r} has no value")
-    for name, value in zip(opts[0::2], opts[1::2]):
-        cfg = cfg.merge({name: value}, source="command line")
+    cfg = merge_opts(cfg, opts)
     from surgdino.config.validate import validate
 
     validate(cfg)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from surgdino.config import Config, load_config
+from surgdino.config.core import merge_opts
 from surgdino.config.validate import validate
 from surgdino.errors import ConfigError
 from surgdino.log import get_logger
@@ -94,11 +95,7 @@ def demo_config(output: str, paths: dict[str, str], *, quick: bool = False, opts
     }, source="demo")
     if quick:
         cfg = cfg.merge(QUICK_OPTS, source="demo --quick")
-    opts = list(opts or [])
-    if len(opts) % 2:
-        raise ConfigError(f"overrides must come in KEY VALUE pairs; {opts[-1]!r} has no value")
-    for k, v in zip(opts[0::2], opts[1::2]):
-        cfg = cfg.merge({k: v}, source="command line")
+    cfg = merge_opts(cfg, opts)
     validate(cfg)
     return cfg
 
