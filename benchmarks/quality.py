@@ -1,14 +1,14 @@
 """DI-MaskDINO vs MaskDINO quality on synthetic instrument trays, trained the same CPU iterations.
 
-Generates small trays (``surgdino.data.synthetic``), trains each decoder with the library's engine
-(``surgdino.engine``) from the packaged demo config (ConvNeXt-atto, 64-wide heads) differing only in
+Generates the demo's trays (``surgdino.engine.demo.DEMO_DATA``: 300 train / 30 val, 256 px, 5 classes,
+3-6 instruments, 20 cm in view), trains each decoder with the library's engine (``surgdino.engine``) from
+the packaged demo config (ConvNeXt-atto, 64-wide heads, its schedule) differing only in
 ``MODEL.MaskDINO.TRANSFORMER_DECODER_NAME``, evaluates COCO mask and box AP on the validation trays and
 prints a table with the DI/MaskDINO ratios.
 
-    python benchmarks/quality.py --iters 300            # ~5 min per model on 2 CPU cores
+    python benchmarks/quality.py --threads 2            # the demo's schedule: ~13 min per model on 2 cores
+    python benchmarks/quality.py --seed 1 --threads 2   # another data and training seed
     python benchmarks/quality.py --iters 40 --num-train 16 --num-val 4   # smoke run
-    python benchmarks/quality.py --size 128 --iters 400 SOLVER.BASE_LR 1e-3 INPUT.MIN_SIZE_TRAIN "[128]" \
-        INPUT.MAX_SIZE_TRAIN 128 INPUT.MIN_SIZE_TEST 128 INPUT.MAX_SIZE_TEST 128
 
 Small runs are noisy: AP after a few hundred iterations mostly measures how fast each model starts to
 learn, not its converged quality. Compare several seeds (``--seed``) before drawing conclusions.
@@ -35,7 +35,12 @@ def _config(out_dir: str, data: str, decoder: str, args: argparse.Namespace):
     from surgdino.engine.demo import demo_config_path
 
     cfg = load_config(demo_config_path())
-    warmup = min(20, max(args.iters // 10, 0))
+    schedule = {}
+    if args.iters is not None:  # shorter or longer than the demo: scale its schedule
+        schedule = {"SOLVER.MAX_ITER": args.iters,
+                    "SOLVER.STEPS": [int(args.iters * 0.85)] if args.iters >= 20 else [],
+                    "SOLVER.WARMUP_ITERS": min(cfg.SOLVER.WARMUP_ITERS, max(args.iters // 10, 0)),
+                    "SOLVER.LOG_PERIOD": max(args.iters // 10, 1)}
     cfg = cfg.merge({
         "OUTPUT_DIR": out_dir,
         "DATASETS.REGISTER": [
@@ -48,12 +53,9 @@ def _config(out_dir: str, data: str, decoder: str, args: argparse.Namespace):
         "DATASETS.TEST": ["quality_val"],
         "MODEL.SEM_SEG_HEAD.NUM_CLASSES": args.num_classes,
         "MODEL.MaskDINO.TRANSFORMER_DECODER_NAME": decoder,
-        "SOLVER.MAX_ITER": args.iters,
-        "SOLVER.STEPS": [int(args.iters * 0.85)] if args.iters >= 20 else [],
-        "SOLVER.WARMUP_ITERS": warmup,
+        **schedule,
         "SOLVER.IMS_PER_BATCH": args.batch,
-        "SOLVER.CHECKPOINT_PERIOD": max(args.iters, 1),
-        "SOLVER.LOG_PERIOD": max(args.iters // 10, 1),
+        "SOLVER.CHECKPOINT_PERIOD": 100000,
         "TEST.EVAL_PERIOD": 0,
         "SEED": args.seed,
         "MODEL.DEVICE": "cpu",
@@ -70,13 +72,18 @@ def _ap(results: dict, task: str) -> tuple[float, float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--iters", type=int, default=300, help="training iterations per model (default 300)")
+    from surgdino.engine.demo import DEMO_DATA
+
+    p.add_argument("--iters", type=int, default=None,
+                   help="training iterations per model (default: the demo config's schedule)")
     p.add_argument("--batch", type=int, default=4, help="images per iteration (default 4)")
-    p.add_argument("--num-train", type=int, default=40)
-    p.add_argument("--num-val", type=int, default=10)
-    p.add_argument("--num-classes", type=int, default=5)
-    p.add_argument("--size", type=int, default=256, help="tray image size (default 256)")
-    p.add_argument("--instances", type=int, nargs=2, default=(3, 6), metavar=("MIN", "MAX"))
+    p.add_argument("--num-train", type=int, default=DEMO_DATA["num_train"])
+    p.add_argument("--num-val", type=int, default=DEMO_DATA["num_val"])
+    p.add_argument("--num-classes", type=int, default=DEMO_DATA["num_classes"])
+    p.add_argument("--size", type=int, default=DEMO_DATA["image_size"], help="tray image size")
+    p.add_argument("--instances", type=int, nargs=2, default=DEMO_DATA["instances_per_image"], metavar=("MIN", "MAX"))
+    p.add_argument("--field-cm", type=float, default=DEMO_DATA.get("field_cm", 40.0),
+                   help="tray width in view (cm); smaller draws larger instruments")
     p.add_argument("--seed", type=int, default=0, help="data and training seed")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--models", nargs="+", default=list(DECODERS), choices=list(DECODERS))
@@ -95,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.isfile(os.path.join(data, "annotations", "instances_val.json")):
         generate_synthetic_dataset(data, num_train=args.num_train, num_val=args.num_val,
                                    num_classes=args.num_classes, image_size=args.size, seed=args.seed,
-                                   instances_per_image=tuple(args.instances), progress=False)
+                                   instances_per_image=tuple(args.instances), field_cm=args.field_cm,
+                                   progress=False)
     rows = {}
     for name in args.models:
         cfg = _config(os.path.join(work, name), data, DECODERS[name], args)
@@ -106,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(f"synthetic trays: {args.num_train} train / {args.num_val} val images, {args.size} px, "
-          f"{args.num_classes} classes, {args.instances[0]}-{args.instances[1]} instruments; "
-          f"{args.iters} iterations x {args.batch} images, seed {args.seed}, torch threads {torch.get_num_threads()}"
+          f"{args.num_classes} classes, {args.instances[0]}-{args.instances[1]} instruments, {args.field_cm:g} cm "
+          f"in view; {cfg.SOLVER.MAX_ITER} iterations x {args.batch} images, seed {args.seed}, torch threads {torch.get_num_threads()}"
           + (f", overrides {' '.join(args.opts)}" if args.opts else ""))
     print(f"{'model':<12} {'train+eval s':>12} {'mask AP':>8} {'AP50':>6} {'AP75':>6} {'box AP':>7} {'AP50':>6} {'AP75':>6}")
     for name, r in rows.items():

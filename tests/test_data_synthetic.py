@@ -52,6 +52,17 @@ def test_render_tray_deterministic_and_min_visible_only_filters():
     assert len(inst_b) < len(inst_a) and all(inst["mask"].tobytes() in kept for inst in inst_b)
 
 
+def test_field_cm_zooms_instruments():
+    """Half the tray width in view draws each instrument twice as long: about 4x the full (unoccluded) area."""
+    def mean_full_area(field_cm):
+        areas = [inst["full_area"] for seed in range(4)
+                 for inst in render_tray(np.random.default_rng(seed), 128, 128, 7, 4, 0.0, field_cm=field_cm)[1]]
+        return float(np.mean(areas))
+
+    ratio = mean_full_area(20.0) / mean_full_area(40.0)
+    assert 3.0 < ratio < 5.5, ratio
+
+
 def test_long_tail_makes_classes_uneven():
     counts = np.zeros(10, int)
     for seed in range(3):
@@ -117,6 +128,6 @@ def test_generate_dataset_png_and_bad_arguments(tmp_path):
     assert os.listdir(out["train_dir"]) == ["000001.png"]
     assert json.load(open(out["val_json"]))["images"] == []
     for bad in (dict(image_size=8), dict(instances_per_image=(5, 2)), dict(min_visible=1.5), dict(num_classes=501),
-                dict(num_train=-1), dict(image_format="gif"), dict(long_tail=-1.0)):
+                dict(num_train=-1), dict(image_format="gif"), dict(long_tail=-1.0), dict(field_cm=0.5)):
         with pytest.raises(SurgDinoError):
             generate_synthetic_dataset(str(tmp_path / "bad"), **{"progress": False, **bad})

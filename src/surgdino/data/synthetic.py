@@ -106,7 +106,7 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 class _Scene:
     """Per-image lighting and material look shared by all instruments."""
 
-    def __init__(self, rng: np.random.Generator, h: int, w: int):
+    def __init__(self, rng: np.random.Generator, h: int, w: int, field_cm: float = 40.0):
         a = rng.uniform(0, 2 * np.pi)
         light = np.array([np.cos(a), np.sin(a), rng.uniform(0.8, 1.6)], np.float32)
         self.light = light / np.linalg.norm(light)
@@ -120,7 +120,7 @@ class _Scene:
         self.pad = int(max(4, 0.018 * scale))
         self.shadow = (rng.uniform(-0.5, 0.5, 2) * self.pad).round().astype(int)
         self.shadow_strength = rng.uniform(0.15, 0.45)
-        self.px_per_cm = scale / 40.0 * rng.uniform(0.85, 1.2)
+        self.px_per_cm = scale / field_cm * rng.uniform(0.85, 1.2)
 
 
 def _rasterise(packed, angle: float, cx: float, cy: float, length: float, mirror: bool, pad: int):
@@ -204,18 +204,20 @@ def _shift(a: np.ndarray, dx: int, dy: int) -> np.ndarray:
 
 
 def render_tray(rng: np.random.Generator, height: int, width: int, num_classes: int, num_instances: int,
-                min_visible: float, long_tail: float = 0.0) -> tuple[np.ndarray, list[dict]]:
+                min_visible: float, long_tail: float = 0.0, field_cm: float = 40.0) -> tuple[np.ndarray, list[dict]]:
     """One tray image [H, W, 3] uint8 and its visible instances ``{category_id (0-based), mask, full_area}``.
 
     Instances are painted bottom to top; a visible mask is the pixels where the instance is on top, so
     masks are disjoint. Instances with visible area below ``min_visible`` x drawn area (including any part
     outside the frame) are dropped. ``long_tail`` > 0 draws class c with probability ~ (c + 1) ** -long_tail
-    (unevenly populated classes, as in real instrument sets); 0 draws classes uniformly.
+    (unevenly populated classes, as in real instrument sets); 0 draws classes uniformly. ``field_cm`` is
+    the tray width (cm, geometric mean of both sides) the image shows: smaller zooms in, so instruments
+    are longer and wider in pixels.
     """
     probs = _class_probs(num_classes, long_tail)
     classes = instrument_classes(num_classes)
     h, w = int(height), int(width)
-    scene = _Scene(rng, h, w)
+    scene = _Scene(rng, h, w, field_cm)
     img = _background(rng, h, w).reshape(h * w, 3)  # [H*W, 3] float, flat for scattered pixel updates
     label = np.full(h * w, -1, np.int16)
     drawn = []  # (index, category, full_area, (y0, y1, x0, x1) clipped box)
@@ -316,10 +318,10 @@ def _mask_annotations(masks: list[np.ndarray]) -> list[tuple[dict, list[float], 
 
 def _make_image(job: tuple) -> tuple[dict, list[dict]]:
     """Render, write and annotate image ``index`` of one split (runs in worker processes too)."""
-    seed, split_id, index, image_dir, hw, num_classes, lo_hi, min_visible, long_tail, ext = job
+    seed, split_id, index, image_dir, hw, num_classes, lo_hi, min_visible, long_tail, field_cm, ext = job
     rng = np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=(split_id, index)))
     n = int(rng.integers(lo_hi[0], lo_hi[1] + 1))
-    img, instances = render_tray(rng, hw[0], hw[1], num_classes, n, min_visible, long_tail)
+    img, instances = render_tray(rng, hw[0], hw[1], num_classes, n, min_visible, long_tail, field_cm)
     file_name = f"{index + 1:06d}.{ext}"
     pil = Image.fromarray(img)
     path = os.path.join(image_dir, file_name)
@@ -335,12 +337,12 @@ def _make_image(job: tuple) -> tuple[dict, list[dict]]:
 
 
 def _write_split(out_dir: str, split: str, split_id: int, num_images: int, seed: int, hw, num_classes: int,
-                 lo_hi, min_visible: float, long_tail: float, ext: str, workers: int,
+                 lo_hi, min_visible: float, long_tail: float, field_cm: float, ext: str, workers: int,
                  progress: bool) -> tuple[str, str]:
     image_dir = os.path.join(out_dir, split)
     os.makedirs(image_dir, exist_ok=True)
     os.makedirs(os.path.join(out_dir, "annotations"), exist_ok=True)
-    jobs = [(seed, split_id, i, image_dir, hw, num_classes, lo_hi, min_visible, long_tail, ext)
+    jobs = [(seed, split_id, i, image_dir, hw, num_classes, lo_hi, min_visible, long_tail, field_cm, ext)
             for i in range(num_images)]
     if workers and workers > 0 and num_images > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
@@ -383,13 +385,14 @@ def generate_synthetic_dataset(out_dir: str, num_train: int = 200, num_val: int 
                                image_size: int | tuple[int, int] = 512, seed: int = 0,
                                instances_per_image: tuple[int, int] = (20, 30), min_visible: float = 0.3,
                                workers: int = 0, progress: bool = True, image_format: str = "jpg",
-                               long_tail: float = 0.0) -> dict:
+                               long_tail: float = 0.0, field_cm: float = 40.0) -> dict:
     """Write a COCO dataset of synthetic trays: ``annotations/instances_{train,val}.json``, ``train/``, ``val/``.
 
     ``image_size`` is an int or (height, width); ``instances_per_image`` (min, max) instruments are drawn
     per image, then those less than ``min_visible`` visible are dropped. Images are JPEG (quality 90) or
     PNG (``image_format``); masks are compressed RLE. ``long_tail`` > 0 makes class frequencies fall off as
-    (rank + 1) ** -long_tail. Same seed gives identical files whatever ``workers`` (processes) is; train
+    (rank + 1) ** -long_tail. ``field_cm`` is the tray width in view (40 cm: 12.8 px/cm at 512 px; the
+    demo's 20 cm at 256 px draws instruments at that same pixel scale). Same seed gives identical files whatever ``workers`` (processes) is; train
     and val use different derived seeds.
     """
     instrument_classes(num_classes)  # validates
@@ -411,8 +414,10 @@ def generate_synthetic_dataset(out_dir: str, num_train: int = 200, num_val: int 
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
     if not 0.0 <= float(long_tail) <= 5.0:
         raise ConfigError(f"long_tail={long_tail}: use 0 (uniform classes) to 5 (steep long tail), e.g. 1.0")
+    if not 2.0 <= float(field_cm) <= 1000.0:
+        raise ConfigError(f"field_cm={field_cm}: the tray width in view, in cm (2 to 1000), e.g. 40")
     common = dict(seed=int(seed), hw=hw, num_classes=int(num_classes), lo_hi=(lo, hi), min_visible=float(min_visible),
-                  long_tail=float(long_tail), ext=ext, workers=int(workers), progress=progress)
+                  long_tail=float(long_tail), field_cm=float(field_cm), ext=ext, workers=int(workers), progress=progress)
     train_json, train_dir = _write_split(out_dir, "train", 0, int(num_train), **common)
     val_json, val_dir = _write_split(out_dir, "val", 1, int(num_val), **common)
     return {"train_json": train_json, "val_json": val_json, "train_dir": train_dir, "val_dir": val_dir,

@@ -120,26 +120,31 @@ class SetCriterion(nn.Module):
         return {"loss_bbox": l1 / num, "loss_giou": giou / num}
 
     def loss_masks(self, out: dict, targets: list[dict], indices: Indices, num: float) -> dict[str, torch.Tensor]:
-        """Mask BCE and dice at uncertainty-sampled points; mask logits only for matched queries."""
+        """Mask BCE and dice at uncertainty-sampled points; mask logits only for matched queries.
+
+        The logits of every image's matched queries come from one batched product (rows padded to the
+        image with most pairs), so the backward adds into ``mask_features`` once per layer rather than
+        materialising a full-size zero gradient for each image's slice."""
         embeds, feats = out["pred_embeds"], out["mask_features"]
-        masks, coords, tgt_points = [], [], []
-        for i, (t, (qi, ti)) in enumerate(zip(targets, indices)):
-            if qi.numel() == 0:
-                continue
-            qi = qi.to(embeds.device)
-            ti = ti.to(embeds.device)
-            m = torch.einsum("kd,dhw->khw", embeds[i, qi], feats[i])  # [K_i, h, w]
-            with torch.no_grad():
-                c = uncertain_point_coords(m[:, None].detach().float(), self.num_points,
-                                           self.oversample_ratio, self.importance_sample_ratio)  # [K_i, P, 2]
-                tgt_points.append(sample_binary_masks(t["masks"], ti, c))  # [K_i, P]
-            masks.append(m)
-            coords.append(c)
-        if not masks:
+        device = embeds.device
+        counts = [int(qi.numel()) for qi, _ in indices]
+        if sum(counts) == 0:
             zero = embeds.sum() * 0.0 + feats.sum() * 0.0
             return {"loss_mask": zero, "loss_dice": zero.clone()}
-        m = torch.cat(masks) if len(masks) > 1 else masks[0]
-        bce, dice = _eager(_mask_point_losses, m, torch.cat(coords), torch.cat(tgt_points).float())
+        b, q = self._src(indices, device)
+        slot = torch.cat([torch.arange(c, device=device) for c in counts])  # position among its image's pairs
+        bsz, _, h, w = feats.shape
+        rows = embeds.new_zeros(bsz, max(counts), embeds.shape[-1]).index_put((b, slot), embeds[b, q])
+        m = torch.bmm(rows, feats.flatten(2)).view(bsz, -1, h, w)[b, slot]  # [K, h, w]
+        with torch.no_grad():
+            coords = uncertain_point_coords(m[:, None].detach().float(), self.num_points,
+                                            self.oversample_ratio, self.importance_sample_ratio)  # [K, P, 2]
+            tgt_points, start = [], 0
+            for t, (_, ti), c in zip(targets, indices, counts):
+                if c:
+                    tgt_points.append(sample_binary_masks(t["masks"], ti.to(device), coords[start:start + c]))
+                start += c
+        bce, dice = _eager(_mask_point_losses, m, coords, torch.cat(tgt_points).float())
         return {"loss_mask": bce / num, "loss_dice": dice / num}
 
     @staticmethod
