@@ -8,8 +8,14 @@ res3–res5 plus one extra stride-64 level. ``--decoder both`` adds DIMaskDINODe
 document's sizes (FIRST_SELECTED_QUERIES 800, NUM_GUIDING_TOKENS 100, TI_LAYERS 3) when it is registered.
 Our inference includes post-processing (top-300 masks at the original size); the peer's is its raw forward.
 
+``--work peer`` sizes our model like the peer instead (100 queries, 9 decoder layers + the initial
+prediction = the peer's 10 supervised layers, 12544 points, no denoising, encoder on res3-res5): same
+supervised work, so the ratio measures the implementation rather than the configuration. MaskDINO's own
+extras (box heads and losses, the encoder's selected-query losses) stay on.
+
     python benchmarks/train_step.py                       # both level set-ups, MaskDINODecoder, vs the peer
     python benchmarks/train_step.py --levels user --decoder both --iters 1
+    python benchmarks/train_step.py --work peer --levels peer   # our model sized like the peer
     python benchmarks/train_step.py --small               # a quick smoke run
 """
 
@@ -55,6 +61,9 @@ LEVELS = {
     "standard": ["MODEL.SEM_SEG_HEAD.NUM_FEATURE_LEVELS", "3",
                  "MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES", "['res3','res4','res5']",
                  "MODEL.SEM_SEG_HEAD.TOTAL_NUM_FEATURE_LEVELS", "4"],
+    "peer": ["MODEL.SEM_SEG_HEAD.NUM_FEATURE_LEVELS", "3",
+             "MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES", "['res3','res4','res5']",
+             "MODEL.SEM_SEG_HEAD.TOTAL_NUM_FEATURE_LEVELS", "3"],
 }
 DI = ["MODEL.MaskDINO.FIRST_SELECTED_QUERIES", "800", "MODEL.MaskDINO.NUM_GUIDING_TOKENS", "100",
       "MODEL.MaskDINO.TI_LAYERS", "3"]
@@ -64,6 +73,7 @@ def _ours_opts(args, levels: str, decoder: str) -> list[str]:
     opts = ["MODEL.BACKBONE.NAME", "convnext_tiny", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", str(args.classes),
             "MODEL.MaskDINO.NUM_OBJECT_QUERIES", str(args.queries), "MODEL.MaskDINO.DEC_LAYERS", str(args.layers),
             "MODEL.MaskDINO.TRAIN_NUM_POINTS", str(args.points), "MODEL.MaskDINO.DN_NUM", "150",
+            "MODEL.MaskDINO.DN", "no" if args.work == "peer" else "seg",
             "TEST.DETECTIONS_PER_IMAGE", "300", "MODEL.MaskDINO.TRANSFORMER_DECODER_NAME", decoder] + LEVELS[levels]
     if decoder == "DIMaskDINODecoder":
         opts += DI
@@ -171,12 +181,18 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--levels", choices=["user", "standard", "both"], default="both",
-                   help="our encoder levels: user = res2-res5, standard = res3-res5 + 1 extra (MaskDINO)")
+    p.add_argument("--levels", choices=["user", "standard", "peer", "both"], default="both",
+                   help="our encoder levels: user = res2-res5, standard = res3-res5 + 1 extra (MaskDINO), "
+                        "peer = res3-res5 like the peer; both = user and standard")
+    p.add_argument("--work", choices=["user", "peer"], default="user",
+                   help="our sizes: user = the user document's (400 queries, 9 layers, 16384 points, denoising); "
+                        "peer = the peer's supervised work (100 queries, 9+1 layers, 12544 points, no denoising)")
     p.add_argument("--decoder", choices=["MaskDINODecoder", "DIMaskDINODecoder", "both"], default="MaskDINODecoder")
     p.add_argument("--no-peer", action="store_true", help="only our rows (no ratios against the peer)")
     p.add_argument("--small", action="store_true", help="tiny sizes for a smoke run")
     args = p.parse_args()
+    if args.work == "peer":
+        args.queries, args.layers, args.points = 100, 9, 12544
     if args.small:
         args.size, args.infer_size, args.instances, args.iters, args.warmup = 128, 160, 5, 1, 0
         args.queries, args.layers, args.points = 50, 2, 1024
@@ -191,7 +207,8 @@ def main() -> None:
     runs = [f"{lv}/{dec}" for lv in levels for dec in decoders] + ([] if args.no_peer else ["peer"])
     print(f"device {args.device}, batch {args.batch}, {args.size}x{args.size}, {args.instances} instances, "
           f"{args.classes} classes; ours: ConvNeXt-T, {args.queries} queries, {args.layers} decoder layers, "
-          f"{args.points} points; levels user = res2-res5, standard = res3-res5 + 1 extra", flush=True)
+          f"{args.points} points, denoising {'no' if args.work == 'peer' else 'seg (150)'}; levels user = res2-res5, "
+          f"standard = res3-res5 + 1 extra, peer = res3-res5", flush=True)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     res = {}
