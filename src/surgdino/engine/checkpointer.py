@@ -5,8 +5,9 @@ newest one (fvcore's convention). ``resume`` restores everything; ``load_weights
 weights only, skipping missing, unexpected and mismatched-shape tensors with a log line; besides our
 checkpoints it reads detectron2-style ``.pkl`` files (``{"model": {name: numpy array}}``, as written by
 ``surgdino convert convnext --format d2``) and bare ConvNeXt weights (official ImageNet, timm or our
-backbone state dict), which land in ``backbone.*``. A corrupt or truncated file raises
-``CheckpointError``; resuming falls back to the previous good checkpoint.
+backbone state dict), which land in ``backbone.*``; a file with an ``"ema"`` entry (trained with
+``MODEL_EMA.ENABLED``) gives its moving-average weights, the ones evaluation used. A corrupt or truncated
+file raises ``CheckpointError``; resuming falls back to the previous good checkpoint.
 """
 
 from __future__ import annotations
@@ -116,13 +117,21 @@ def _state_dict_of(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights(model: nn.Module, path: str) -> dict[str, Any]:
+def load_weights(model: nn.Module, path: str, *, prefer_ema: bool = True) -> dict[str, Any]:
     """Weights only: copy tensors whose names and shapes match; log skipped and missing ones.
 
-    Returns the checkpoint's other entries (e.g. ``thing_classes``).
+    A checkpoint with an ``"ema"`` entry (``MODEL_EMA.ENABLED``) gives its EMA weights, the ones that
+    evaluation during training used, unless ``prefer_ema`` is False. Returns the checkpoint's other
+    entries (e.g. ``thing_classes``).
     """
     obj = read_checkpoint(path)
-    state = _state_dict_of(obj)
+    ema = obj.get("ema")
+    if prefer_ema and isinstance(ema, dict) and isinstance(ema.get("model"), dict) and ema["model"]:
+        logger.info("%s: loading its EMA weights ('ema', after %s updates), the weights evaluation used",
+                    path, ema.get("updates", "?"))
+        state = _state_dict_of(ema)
+    else:
+        state = _state_dict_of(obj)
     if not state:
         raise CheckpointError(f"{path}: no model weights found (expected a state dict or a 'model' entry)")
     model = unwrap(model)
@@ -151,7 +160,7 @@ def load_weights(model: nn.Module, path: str) -> dict[str, Any]:
         logger.info("not in checkpoint (kept initialised): %s", _short(missing))
     if unexpected:
         logger.info("in checkpoint but not in the model (ignored): %s", _short(unexpected))
-    return {k: v for k, v in obj.items() if k not in ("model", "optimizer", "scheduler", "scaler")}
+    return {k: v for k, v in obj.items() if k not in ("model", "optimizer", "scheduler", "scaler", "ema")}
 
 
 def _short(names: list[str], n: int = 8) -> str:
@@ -177,11 +186,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class Checkpointer:
-    """Saves and restores training state under ``save_dir``; only rank 0 writes files."""
+    """Saves and restores training state under ``save_dir``; only rank 0 writes files.
+
+    With an ``ema`` (``ModelEMA``) every file also holds ``"ema"``, its state, and resuming restores it.
+    """
 
     def __init__(self, model: nn.Module, save_dir: str, *, optimizer: torch.optim.Optimizer | None = None,
-                 scheduler: Any = None, scaler: Any = None, max_to_keep: int = 0):
+                 scheduler: Any = None, scaler: Any = None, max_to_keep: int = 0, ema: Any = None):
         self.model = model
+        self.ema = ema
         self.save_dir = save_dir
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -204,6 +217,8 @@ class Checkpointer:
             data["scheduler"] = self.scheduler.state_dict()
         if self.scaler is not None:
             data["scaler"] = self.scaler.state_dict()
+        if self.ema is not None:
+            data["ema"] = self.ema.state_dict()
         path = os.path.join(self.save_dir, f"{name}.pth")
         atomic_save(data, path)
         if update_last:
@@ -274,6 +289,16 @@ class Checkpointer:
             return obj
         return None
 
+    def restore_ema(self, obj: dict[str, Any]) -> None:
+        """The EMA state of a training checkpoint; one without (trained with EMA off) restarts the average
+        from the restored weights, with a log line."""
+        if isinstance(obj.get("ema"), dict):
+            self.ema.load_state_dict(obj["ema"])
+        else:
+            logger.info("the checkpoint has no EMA state (trained with MODEL_EMA.ENABLED off): the moving "
+                        "average starts from the resumed weights")
+            self.ema.reset(self.model)
+
     def _restore(self, obj: dict[str, Any]) -> None:
         unwrap(self.model).load_state_dict(obj["model"])
         if self.optimizer is not None and "optimizer" in obj:
@@ -285,6 +310,8 @@ class Checkpointer:
             self.scheduler.load_state_dict(state)
         if self.scaler is not None and "scaler" in obj:
             self.scaler.load_state_dict(obj["scaler"])
+        if self.ema is not None:
+            self.restore_ema(obj)
         rng = obj.get("rng")
         if rng:
             rank = comm.get_rank()

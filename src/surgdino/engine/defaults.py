@@ -2,7 +2,9 @@
 
 ``Trainer(cfg, resume=...)`` builds everything in the order that makes a resumed run repeat an
 uninterrupted one: model → weights or checkpoint → data iterator at the checkpoint's position →
-RNG states. ``evaluate(cfg, model)`` runs ``DATASETS.TEST`` through the COCO evaluator.
+RNG states. With ``MODEL_EMA.ENABLED`` a moving average of the weights (``ModelEMA``) is kept, saved
+in every checkpoint and used by evaluation during training. ``evaluate(cfg, model)`` runs
+``DATASETS.TEST`` through the COCO evaluator.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from surgdino import comm
 from surgdino.config import Config, save_config
 from surgdino.engine import hooks as H
 from surgdino.engine.checkpointer import Checkpointer, load_weights, set_rng_state, unwrap
+from surgdino.engine.ema import ModelEMA
 from surgdino.engine.optimizer import build_lr_scheduler, build_optimizer, scale_config
 from surgdino.engine.trainer import SimpleTrainer
 from surgdino.engine.writers import ConsoleWriter, JSONWriter, TensorboardWriter
@@ -169,8 +172,9 @@ class Trainer:
         optimizer = build_optimizer(cfg, model)
         scheduler = build_lr_scheduler(cfg, optimizer)
         amp_dtype = _amp_dtype(cfg, self.device)
+        self.ema = ModelEMA.from_config(cfg, model)
         self.checkpointer = Checkpointer(model, cfg.OUTPUT_DIR, optimizer=optimizer, scheduler=scheduler,
-                                         max_to_keep=s.MAX_TO_KEEP)
+                                         max_to_keep=s.MAX_TO_KEEP, ema=self.ema)
         self.start_iter = 0
         rng = None
         ckpt = self.checkpointer.resume() if resume else None
@@ -182,6 +186,8 @@ class Trainer:
             if resume:
                 logger.info("--resume: no checkpoint in %s; initialising from MODEL.WEIGHTS", cfg.OUTPUT_DIR)
             load_weights(model, cfg.MODEL.WEIGHTS)
+            if self.ema is not None:
+                self.ema.reset(model)  # the average starts from the loaded weights
         elif resume:
             logger.info("--resume: no checkpoint in %s; starting from scratch", cfg.OUTPUT_DIR)
 
@@ -195,6 +201,7 @@ class Trainer:
             model, data, optimizer, scheduler=scheduler, accumulation_steps=s.ACCUMULATION_STEPS,
             clip_type=clip.CLIP_TYPE if clip.ENABLED else None, clip_value=clip.CLIP_VALUE,
             norm_type=clip.NORM_TYPE, amp_dtype=amp_dtype, max_nonfinite_steps=s.MAX_NONFINITE_STEPS,
+            ema=self.ema,
         )
         self.checkpointer.scaler = self.trainer.scaler
         if ckpt is not None and self.trainer.scaler is not None and "scaler" in ckpt:
@@ -254,7 +261,7 @@ class Trainer:
 
             hooks.append(H.EvalHook(cfg.TEST.EVAL_PERIOD, lambda: self.test(cfg, unwrap(self.trainer.model)),
                                     checkpointer=self.checkpointer, best_metric=cfg.TEST.BEST_METRIC,
-                                    mode=cfg.TEST.BEST_MODE, on_results=on_results))
+                                    mode=cfg.TEST.BEST_MODE, on_results=on_results, ema=self.ema))
         if cfg.VIS_PERIOD > 0:
             hooks.append(H.VisualizationHook(cfg.VIS_PERIOD, out, self.thing_classes))
         hooks += [writer, plot]  # the writer runs after evaluation so the final line includes it

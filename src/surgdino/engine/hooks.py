@@ -94,11 +94,14 @@ class EvalHook(HookBase):
 
     ``eval_function()`` returns the evaluation results (rank 0; other ranks may get ``{}``). It runs
     with the training RNG streams preserved, so evaluating does not change what training does next.
+    With an ``ema`` (``ModelEMA``) it runs with the EMA weights swapped into the trainer's model (the
+    training weights are restored after), so the best model is chosen by the EMA's results;
+    ``model_best.pth`` holds both (``"model"`` and ``"ema"``).
     """
 
     def __init__(self, period: int, eval_function: Callable[[], dict[str, Any]], *,
                  checkpointer: Checkpointer | None = None, best_metric: str = "segm/AP", mode: str = "max",
-                 on_results: Callable[[int, dict[str, float]], None] | None = None):
+                 on_results: Callable[[int, dict[str, float]], None] | None = None, ema: Any = None):
         self.period = period
         self.eval_function = eval_function
         self.checkpointer = checkpointer
@@ -107,9 +110,20 @@ class EvalHook(HookBase):
         self.best: float | None = None
         self.on_results = on_results
         self.last_results: dict[str, Any] = {}
+        self.ema = ema
+        self._ema_logged = False
+
+    def _weights(self):
+        if self.ema is None:
+            return contextlib.nullcontext()
+        if not self._ema_logged:
+            logger.info("evaluating with the EMA weights (MODEL_EMA.ENABLED, %d updates so far); "
+                        "checkpoints keep the training weights too", self.ema.updates)
+            self._ema_logged = True
+        return self.ema.applied(self.trainer.model)
 
     def _do_eval(self, done: int) -> None:
-        with preserved_rng():
+        with preserved_rng(), self._weights():
             results = self.eval_function()
         self.trainer.model.train()
         self.last_results = results or {}

@@ -2,7 +2,8 @@
 
 ``run_step`` draws ``accumulation_steps`` micro-batches (lists of per-image dicts) from the data
 iterator, runs forward/backward on each (DDP gradient sync only on the last), skips the step if
-any loss is non-finite on any process, clips gradients and steps optimizer and schedule.
+any loss is non-finite on any process, clips gradients and steps optimizer and schedule; with an
+``ema`` (``ModelEMA``) it updates the moving average after each step that was taken.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ class SimpleTrainer(TrainerBase):
         norm_type: float = 2.0,
         amp_dtype: torch.dtype | None = None,
         max_nonfinite_steps: int = 5,
+        ema: Any = None,
     ):
         super().__init__()
         self.model = model
@@ -119,6 +121,7 @@ class SimpleTrainer(TrainerBase):
         self.scaler = (torch.amp.GradScaler(self.device_type)
                        if amp_dtype is torch.float16 and self.device_type == "cuda" else None)
         self.max_nonfinite_steps = max_nonfinite_steps
+        self.ema = ema
         self.nonfinite_in_a_row = 0
         self.last_losses: dict[str, float] = {}
         self.last_batch: list[dict[str, Any]] = []
@@ -175,11 +178,16 @@ class SimpleTrainer(TrainerBase):
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             self._clip()
+            stepped = True
             if self.scaler is not None:
+                scale = self.scaler.get_scale()
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
+                stepped = self.scaler.get_scale() >= scale  # the scale drops when the step was skipped
             else:
                 self.optimizer.step()
+            if self.ema is not None and stepped:
+                self.ema.update(self.model)
             self._log(totals, data_time)
         if self.scheduler is not None:
             self.scheduler.step()

@@ -62,3 +62,25 @@ d("TEST.AUG.MIN_SIZES", [400, 500, 600, 700, 800, 900, 1000, 1100, 1200], "list[
 d("TEST.AUG.MAX_SIZE", 4000, "int", "Longest edge cap of test-time augmentation.")
 d("TEST.AUG.FLIP", True, "bool", "Also run each scale horizontally flipped.")
 d("TEST.AUG.MERGE_IOU", 0.7, "float", "TTA: detections of one class whose masks overlap by this IoU are merged (mask-vote).")
+
+d("MODEL_EMA.ENABLED", False, "bool",
+  "Keep an exponential moving average (EMA) of the weights: evaluation during training, model selection and "
+  "eval-only/predict use it; checkpoints hold it as 'ema' beside the training weights ('model').")
+d("MODEL_EMA.DECAY", 0.999, "float",
+  "EMA decay in [0, 1); the decay at update n (0-based) is min(DECAY, (1 + n) / (10 + n)), a ramp so early "
+  "averages are not dominated by the random initialisation. Averages over about 1 / (1 - DECAY) steps.")
+
+
+def _check_ema(cfg) -> None:
+    from surgdino.engine.ema import check_decay
+
+    check_decay(cfg.MODEL_EMA.DECAY)
+
+
+def _register() -> None:
+    from surgdino.config.validate import register_check
+
+    register_check(_check_ema)
+
+
+_register()
