@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-classes", type=int, default=DEMO_DATA["num_classes"])
     p.add_argument("--size", type=int, default=DEMO_DATA["image_size"], help="tray image size")
     p.add_argument("--instances", type=int, nargs=2, default=DEMO_DATA["instances_per_image"], metavar=("MIN", "MAX"))
-    p.add_argument("--field-cm", type=float, default=DEMO_DATA.get("field_cm", 40.0),
+    p.add_argument("--field-cm", type=float, default=DEMO_DATA["field_cm"],
                    help="tray width in view (cm); smaller draws larger instruments")
     p.add_argument("--seed", type=int, default=0, help="data and training seed")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")

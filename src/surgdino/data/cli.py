@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="instruments per image, drawn uniformly in [MIN, MAX] (default 20 30)")
     synth.add_argument("--min-visible", type=float, default=0.3, metavar="F",
                        help="drop instances with less than this visible fraction after occlusion (default 0.3)")
-    synth.add_argument("--field-cm", type=float, default=40.0, metavar="CM",
+    synth.add_argument("--field-cm", type=float, default=None, metavar="CM",
                        help="tray width in view, in cm: smaller zooms in and draws larger instruments "
                             "(default 40: 12.8 px/cm at 512 px)")
     synth.add_argument("--workers", type=int, default=0, metavar="W", help="worker processes (default 0: in process)")
@@ -124,7 +124,8 @@ def _synth(args: argparse.Namespace) -> int:
     info = generate_synthetic_dataset(
         args.out, num_train=args.num_train, num_val=args.num_val, num_classes=args.num_classes,
         image_size=args.image_size, seed=args.seed, instances_per_image=(lo, hi),
-        min_visible=args.min_visible, workers=args.workers, progress=True, field_cm=args.field_cm,
+        min_visible=args.min_visible, workers=args.workers, progress=True,
+        **({} if args.field_cm is None else {"field_cm": args.field_cm}),
     )
     print(f"Synthetic trays written to {os.path.abspath(args.out)}")
     for k, v in (info or {}).items():

@@ -103,10 +103,12 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 # ---- instruments ----
 
+FIELD_CM = 40.0  # default tray width in view (cm): 12.8 px/cm at 512 px
+
 class _Scene:
     """Per-image lighting and material look shared by all instruments."""
 
-    def __init__(self, rng: np.random.Generator, h: int, w: int, field_cm: float = 40.0):
+    def __init__(self, rng: np.random.Generator, h: int, w: int, field_cm: float = FIELD_CM):
         a = rng.uniform(0, 2 * np.pi)
         light = np.array([np.cos(a), np.sin(a), rng.uniform(0.8, 1.6)], np.float32)
         self.light = light / np.linalg.norm(light)
@@ -204,7 +206,7 @@ def _shift(a: np.ndarray, dx: int, dy: int) -> np.ndarray:
 
 
 def render_tray(rng: np.random.Generator, height: int, width: int, num_classes: int, num_instances: int,
-                min_visible: float, long_tail: float = 0.0, field_cm: float = 40.0) -> tuple[np.ndarray, list[dict]]:
+                min_visible: float, long_tail: float = 0.0, field_cm: float = FIELD_CM) -> tuple[np.ndarray, list[dict]]:
     """One tray image [H, W, 3] uint8 and its visible instances ``{category_id (0-based), mask, full_area}``.
 
     Instances are painted bottom to top; a visible mask is the pixels where the instance is on top, so
@@ -385,7 +387,7 @@ def generate_synthetic_dataset(out_dir: str, num_train: int = 200, num_val: int 
                                image_size: int | tuple[int, int] = 512, seed: int = 0,
                                instances_per_image: tuple[int, int] = (20, 30), min_visible: float = 0.3,
                                workers: int = 0, progress: bool = True, image_format: str = "jpg",
-                               long_tail: float = 0.0, field_cm: float = 40.0) -> dict:
+                               long_tail: float = 0.0, field_cm: float = FIELD_CM) -> dict:
     """Write a COCO dataset of synthetic trays: ``annotations/instances_{train,val}.json``, ``train/``, ``val/``.
 
     ``image_size`` is an int or (height, width); ``instances_per_image`` (min, max) instruments are drawn
