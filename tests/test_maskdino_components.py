@@ -6,11 +6,11 @@ import torch
 from surgdino.config import load_config
 from surgdino.errors import ConfigError
 from surgdino.modeling.backbone.base import ShapeSpec
-from surgdino.modeling.maskdino.box_ops import masks_to_boxes
+from surgdino.modeling.layers.geometry import masks_to_boxes
+from surgdino.modeling.layers.point_sampling import point_sample, sample_binary_masks
 from surgdino.modeling.maskdino.criterion import SetCriterion
 from surgdino.modeling.maskdino.dn import prepare_for_dn
 from surgdino.modeling.maskdino.matcher import HungarianMatcher
-from surgdino.modeling.maskdino.point_sampling import point_sample, sample_binary_masks
 from surgdino.modeling.pixel_decoder import MaskDINOEncoder
 
 
@@ -94,6 +94,10 @@ def test_criterion_finite_with_empty_image_and_gradients():
         assert torch.isfinite(total)
         total.backward()
         assert torch.isfinite(emb.grad).all() and torch.isfinite(feats.grad).all()
+    # nothing to match: box and mask losses are exactly 0 (still in the graph); the class loss pushes all down
+    for k in ("loss_bbox", "loss_giou", "loss_mask", "loss_dice", "loss_bbox_0", "loss_mask_0"):
+        assert losses[k].item() == 0.0, k
+    assert losses["loss_ce"] > 0
 
 
 def test_dn_keeps_one_group_on_dense_images():
@@ -208,7 +212,8 @@ def test_mask_bce_cost_equals_pairwise_bce():
 
 def test_eager_loss_gradients_equal_plain_autograd():
     """Mask and class losses keep their gradients instead of their intermediates: same values and grads."""
-    from surgdino.modeling.maskdino.criterion import _eager, _focal_sum, _mask_point_losses
+    from surgdino.modeling.layers.set_prediction import focal_loss_sum as _focal_sum
+    from surgdino.modeling.maskdino.criterion import _eager, _mask_point_losses
 
     g = torch.Generator().manual_seed(0)
     m = torch.randn(3, 16, 16, generator=g, dtype=torch.float64, requires_grad=True)

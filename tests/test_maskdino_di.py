@@ -98,47 +98,76 @@ def test_ti_losses_weights_and_gradients_from_decoder_losses():
     assert not any("_ti" in k for k in model(batch))
 
 
-def test_bato_changes_memory_of_layers_from_one_on_only():
+def _decoder_inputs(seed=0, d=32, sizes=((128, 128), (64, 96)), strides=(32, 16, 8)):
+    """Encoder levels, masks and mask features of a padded batch (image i unpadded ``sizes[i]``)."""
+    g = torch.Generator().manual_seed(seed)
+    hp, wp = max(h for h, _ in sizes), max(w for _, w in sizes)
+    levels = [torch.randn(len(sizes), d, hp // s, wp // s, generator=g) for s in strides]
+    masks = []
+    for s in strides:
+        m = torch.ones(len(sizes), hp // s, wp // s, dtype=torch.bool)
+        for i, (h, w) in enumerate(sizes):
+            m[i, :h // s, :w // s] = False
+        masks.append(m)
+    mf = torch.randn(len(sizes), d, hp // 4, wp // 4, generator=g)
+    for i, (h, w) in enumerate(sizes):
+        mf[i, :, h // 4:] = 0.0
+        mf[i, :, :, w // 4:] = 0.0
+    return levels, masks, mf, torch.tensor(sizes), (hp, wp)
+
+
+def _di_decoder(guides, seed=0, **kw):
+    torch.manual_seed(seed)
+    return DIMaskDINODecoder(num_classes=4, hidden_dim=32, num_queries=10, nheads=4, dim_feedforward=64,
+                             dec_layers=3, mask_dim=32, num_feature_levels=3, first_selected_queries=30,
+                             num_guiding_tokens=guides, ti_layers=1, bato_dim_feedforward=64, dn_num=12, **kw)
+
+
+def test_bato_acts_from_layer_one_on_and_its_mask_branch_starts_at_zero():
+    on, off = _di_decoder(guides=5), _di_decoder(guides=0)
+    missing, unexpected = off.load_state_dict(on.state_dict(), strict=False)
+    assert not missing and unexpected and all(k.startswith("bato_") for k in unexpected)
+    args = _decoder_inputs()
+    on.eval()
+    off.eval()
+    with torch.no_grad():
+        a, b = on(*args), off(*args)
+    layers_a, layers_b = a["aux_outputs"] + [a], b["aux_outputs"] + [b]  # initial prediction, layers 0, 1, 2
+    for i in (0, 1):  # before BATO: the same outputs
+        for k in ("pred_logits", "pred_boxes", "pred_embeds", "mask_features"):
+            assert torch.equal(layers_a[i][k], layers_b[i][k]), (i, k)
+    for i in (2, 3):  # layers 1 and 2 attend to the updated tokens
+        assert (layers_a[i]["pred_logits"] - layers_b[i]["pred_logits"]).abs().max() > 1e-3, i
+    # an untrained mask-feature branch (norm scale 0) adds nothing; switched on, it adds inside the images only
+    assert torch.equal(a["mask_features"], args[2])
+    torch.nn.init.ones_(on.bato_mask_norm.weight)
+    with torch.no_grad():
+        c = on(*args)
+    diff = (c["mask_features"] - args[2]).abs().sum(1)  # [B, h, w]
+    assert diff[1, :64 // 4, :96 // 4].min() > 0 and diff[1, 64 // 4:].max() == 0 and diff[1, :, 96 // 4:].max() == 0
+    assert torch.equal(c["aux_outputs"][1]["mask_features"], args[2])  # layer 0 still uses the pixel decoder's
+
+
+def test_bato_token_update_leaves_padding_and_is_trained():
+    dec = _di_decoder(guides=5)
+    g = torch.Generator().manual_seed(1)
+    memory, pos = torch.randn(2, 40, 32, generator=g), torch.randn(2, 40, 32, generator=g)
+    guide, gpos = torch.randn(2, 5, 32, generator=g), torch.randn(2, 5, 32, generator=g)
+    pad = torch.zeros(2, 40, dtype=torch.bool)
+    pad[1, 25:] = True
+    upd = dec.bato_update(memory, pos, pad, guide, gpos)
+    assert torch.equal(upd[pad], memory[pad])
+    assert ((upd - memory).abs().sum(-1)[~pad] > 1e-4).all()
+    # in a training step the decoder's mask losses reach the update and the mask-feature branch
     model = _build(_di(ti=1, guides=5))
-    dec = model.decoder
-    seen = []
-    orig_mem, orig_mf = dec.layer_memory, dec.layer_mask_features
-
-    def mem_hook(layer, memory, hs):
-        out = orig_mem(layer, memory, hs)
-        seen.append(("mem", layer, memory, out, dec._ctx["memory_mask"]))
-        return out
-
-    def mf_hook(layer, mf, hs):
-        out = orig_mf(layer, mf, hs)
-        seen.append(("mf", layer, mf, out, None))
-        return out
-
-    dec.layer_memory, dec.layer_mask_features = mem_hook, mf_hook
-    batch = [_input(128, 128), _input(64, 96, n=1)]  # the second is padded
-    out = model(batch)
-    assert sum(out.values()).isfinite()
-    mems = [s for s in seen if s[0] == "mem"]
-    assert [s[1] for s in mems] == [0, 1, 2]
-    _, _, mem0, out0, _ = mems[0]
-    assert out0 is mem0  # layer 0: the encoder's tokens
-    for _, _, mem, upd, pad in mems[1:]:
-        assert upd.shape == mem.shape
-        diff = (upd - mem).abs().sum(-1)  # [B, S]
-        assert (diff[~pad] > 1e-4).float().mean() > 0.99  # valid tokens updated
-        assert pad.any() and torch.equal(upd[pad], mem[pad])  # padding untouched
-    assert mems[1][3] is mems[2][3]  # one update, shared by all later layers
-    mfs = [s for s in seen if s[0] == "mf"]
-    assert mfs[0][3] is mfs[0][2]  # layer 0 uses the original mask features
-    # mask-feature branch starts at zero but is trained
+    out = model([_input(128, 128), _input(64, 96, n=1)])
     (out["loss_mask"] + out["loss_dice"]).backward()
-    assert dec.bato_mask_norm.weight.grad.abs().sum() > 0
-    assert dec.bato_update.cross_attn.in_proj_weight.grad.abs().sum() > 0
+    assert model.decoder.bato_mask_norm.weight.grad.abs().sum() > 0
+    assert model.decoder.bato_update.cross_attn.in_proj_weight.grad.abs().sum() > 0
 
 
 def test_dn_queries_never_guide():
-    model = _build(_di(ti=1, guides=4))
-    dec = model.decoder
+    dec = _di_decoder(guides=4)
     d, q, n_dn = 32, 10, 6
     torch.manual_seed(0)
     cand = torch.randn(200, d)
@@ -149,19 +178,21 @@ def test_dn_queries_never_guide():
     assert idx.shape == (1, 4) and (idx < q).all()
     expect = score[order[-q:]].topk(4).indices
     assert idx[0].tolist() == expect.tolist()
-    # in a real training step with denoising queries
-    calls = []
-    orig = dec.guiding_tokens
-
-    def spy(hs, num_queries):
-        r = orig(hs, num_queries)
-        calls.append((hs.shape[1], num_queries, r))
-        return r
-
-    dec.guiding_tokens = spy
-    model([_input(128, 128, n=3)])
-    (total, nq, r), = calls
-    assert total > nq == 20 and r.max() < nq
+    # in a training step: matching queries never see denoising queries, so with BATO choosing its guides
+    # among the matching queries only, their outputs are those of the same step without denoising
+    args = _decoder_inputs(sizes=((128, 128), (128, 96)))
+    targets = [{"labels": torch.tensor([0, 1, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.5, 0.3, 0.2],
+                                                                          [0.5, 0.8, 0.2, 0.1]]),
+                "masks": torch.zeros(3, 128, 128, dtype=torch.bool)},
+               {"labels": torch.tensor([3]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]]),
+                "masks": torch.zeros(1, 128, 128, dtype=torch.bool)}]
+    with torch.no_grad():
+        with_dn = dec(*args, targets=targets)
+        without = dec(*args)
+    assert with_dn["dn_meta"]["num_groups"] * with_dn["dn_meta"]["group_size"] > 0 and "dn_outputs" not in without
+    for a, b in zip(with_dn["aux_outputs"] + [with_dn], without["aux_outputs"] + [without]):
+        assert torch.allclose(a["pred_logits"], b["pred_logits"], atol=1e-5)
+        assert torch.allclose(a["pred_boxes"], b["pred_boxes"], atol=1e-5)
 
 
 def test_eval_batched_sizes_and_empty_images():

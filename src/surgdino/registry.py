@@ -43,3 +43,4 @@ class Registry:
 BACKBONE_REGISTRY = Registry("backbone")
 META_ARCH_REGISTRY = Registry("meta-architecture")
 DECODER_REGISTRY = Registry("transformer decoder")
+PIXEL_DECODER_REGISTRY = Registry("pixel decoder")

@@ -1,4 +1,5 @@
-"""Models: ``build_model(cfg)`` looks up ``MODEL.META_ARCHITECTURE`` in the registry and calls ``from_config``."""
+"""Models: ``build_model(cfg)`` looks up ``MODEL.META_ARCHITECTURE`` in the registry and builds it from the keyword
+arguments its ``from_config`` returns (every part's ``from_config`` returns keyword arguments)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ def build_model(cfg):
         except ModuleNotFoundError as e:
             if e.name != name:
                 raise
-    return META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE).from_config(cfg)
+    arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+    return arch(**arch.from_config(cfg))
 
 
 __all__ = ["build_model"]

@@ -1,4 +1,4 @@
-"""Small shared layers: a multi-layer perceptron and the inverse sigmoid used for box refinement."""
+"""Small shared layers: a multi-layer perceptron, the inverse sigmoid of box refinement, token gathering."""
 
 from __future__ import annotations
 
@@ -31,3 +31,8 @@ class MLP(nn.Module):
             if i < self.num_layers - 1:
                 x = F.relu(x)
         return x
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx [B, K]`` of ``x [B, S, ...]`` → ``[B, K, ...]`` (top-k query selection)."""
+    return torch.gather(x, 1, idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))

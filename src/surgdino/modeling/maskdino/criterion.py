@@ -6,16 +6,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import sigmoid_focal_loss
 
-from surgdino import comm
-from surgdino.modeling.maskdino.box_ops import box_cxcywh_to_xyxy, pairwise_generalized_box_iou
+from surgdino.modeling.layers.geometry import box_cxcywh_to_xyxy, pairwise_generalized_box_iou
+from surgdino.modeling.layers.point_sampling import point_sample, sample_binary_masks, uncertain_point_coords
+from surgdino.modeling.layers.set_prediction import class_target_tensor, focal_loss_sum, num_boxes
 from surgdino.modeling.maskdino.matcher import HungarianMatcher
-from surgdino.modeling.maskdino.point_sampling import (
-    point_sample,
-    sample_binary_masks,
-    uncertain_point_coords,
-)
 
 Indices = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -38,10 +33,6 @@ def _mask_point_losses(mask_logits: torch.Tensor, coords: torch.Tensor, targets:
     """Summed point BCE and dice of ``mask_logits [K, h, w]`` read at ``coords [K, P, 2]`` against ``targets [K, P]``."""
     pl = point_sample(mask_logits[:, None], coords.to(mask_logits.dtype))[:, 0].float()  # [K, P]
     return sigmoid_ce_loss(pl, targets), dice_loss(pl, targets)
-
-
-def _focal_sum(logits: torch.Tensor, onehot: torch.Tensor, alpha: float, gamma: float) -> tuple[torch.Tensor]:
-    return (sigmoid_focal_loss(logits, onehot, alpha=alpha, gamma=gamma, reduction="sum"),)
 
 
 class _EagerGrad(torch.autograd.Function):
@@ -102,13 +93,12 @@ class SetCriterion(nn.Module):
 
     # ---- individual losses, each normalised by ``num`` ----
     def loss_labels(self, out: dict, targets: list[dict], indices: Indices, num: float) -> dict[str, torch.Tensor]:
+        """Focal loss against one-hot labels or class vectors (see ``layers.set_prediction``), over the
+        columns ``out["logit_mask"]`` keeps when present."""
         logits = out["pred_logits"]  # [B, Q, C]
-        onehot = torch.zeros_like(logits)
         b, q = self._src(indices, logits.device)
-        if b.numel():
-            labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
-            onehot[b, q, labels] = 1.0
-        (loss,) = _eager(_focal_sum, logits, onehot, self.focal_alpha, self.focal_gamma)
+        target = class_target_tensor(logits, targets, b, q, [j for _, j in indices])
+        (loss,) = _eager(focal_loss_sum, logits, target, self.focal_alpha, self.focal_gamma, out.get("logit_mask"))
         return {"loss_ce": loss / num}
 
     def loss_boxes(self, out: dict, targets: list[dict], indices: Indices, num: float) -> dict[str, torch.Tensor]:
@@ -180,11 +170,10 @@ class SetCriterion(nn.Module):
         # float masks once per step: every layer's matching and mask loss samples them (see sample_binary_masks)
         targets = [dict(t, masks=t["masks"].float()) if not t["masks"].dtype.is_floating_point else t
                    for t in targets]
-        num = torch.as_tensor(float(sum(int(t["labels"].numel()) for t in targets)), device=device)
-        num = max(float(comm.all_reduce_mean(num).item()), 1.0)
+        num = num_boxes(targets, device)
         layers = list(outputs.get("aux_outputs", [])) if self.deep_supervision else []
         losses: dict[str, torch.Tensor] = {}
-        main = {k: v for k, v in outputs.items() if k.startswith("pred_") or k == "mask_features"}
+        main = {k: v for k, v in outputs.items() if k.startswith("pred_") or k in ("mask_features", "logit_mask")}
         losses.update(self._layer(main, targets, self.matcher(main, targets), num, True, ""))
         for i, aux in enumerate(layers):
             losses.update(self._layer(aux, targets, self.matcher(aux, targets), num, True, f"_{i}"))
@@ -202,4 +191,9 @@ class SetCriterion(nn.Module):
             if self.deep_supervision:
                 for i, aux in enumerate(dn_aux):
                     losses.update(self._layer(aux, targets, idx, dn_num, with_masks, f"_dn_{i}"))
+        losses.update(self.extra_losses(outputs, targets, num))
         return losses
+
+    def extra_losses(self, outputs: dict, targets: list[dict], num: float) -> dict[str, torch.Tensor]:
+        """Losses a subclass adds (DI-MaskDINO: token interaction), with the step's normaliser ``num``."""
+        return {}

@@ -7,7 +7,7 @@ predictions are supervised through their own Hungarian matching (class and box c
 selection keeps the ``num_queries`` best tokens of the last layer as the decoder's queries. Their content
 and boxes stay in the graph, so the decoder's losses train the token-interaction layers as well.
 
-BATO (``layer_memory`` / ``layer_mask_features``): after decoder layer 0 the ``num_guiding_tokens``
+BATO (``layer_inputs``): after decoder layer 0 the ``num_guiding_tokens``
 best matching queries (never denoising queries) guide an update of every encoder token (cross-attention
 to the guiding tokens' mask embeddings, residual, norm, FFN); decoder layers >= 1 attend to the updated
 tokens, and the highest-resolution updated level is fused into the mask features used from layer 1 on.
@@ -15,63 +15,36 @@ tokens, and the highest-resolution updated level is fused into the mask features
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgdino import comm
 from surgdino.errors import ConfigError
-from surgdino.modeling.layers import MLP, gen_sineembed_for_position, inverse_sigmoid
-from surgdino.modeling.maskdino.box_ops import box_xyxy_to_cxcywh, masks_to_boxes
+from surgdino.modeling.layers import MLP, gather_tokens, gen_sineembed_for_position, inverse_sigmoid
+from surgdino.modeling.layers.blocks import CrossAttentionLayer, SelfAttentionLayer
+from surgdino.modeling.layers.box_refine import DecoderInputs, QuerySelection
+from surgdino.modeling.layers.geometry import encoder_proposals
+from surgdino.modeling.layers.masked_norm import group_norm
 from surgdino.modeling.maskdino.criterion import SetCriterion
-from surgdino.modeling.maskdino.decoder import MaskDINODecoder, token_boxes
-from surgdino.modeling.pixel_decoder import MaskedGroupNorm
+from surgdino.modeling.maskdino.decoder import MaskDINODecoder
 from surgdino.registry import DECODER_REGISTRY
 
-
-class TokenInteractionLayer(nn.Module):
-    """Post-norm self-attention among the first-selected tokens (positions from their boxes) and FFN."""
-
-    def __init__(self, d_model: int, d_ffn: int, dropout: float, n_heads: int):
-        super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.linear1 = nn.Linear(d_model, d_ffn)
-        self.linear2 = nn.Linear(d_ffn, d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``x, pos [B, K, D]``; ``key_padding_mask [B, K]`` True = token not to attend to."""
-        q = k = x + pos
-        att = self.self_attn(q, k, x, key_padding_mask=key_padding_mask, need_weights=False)[0]
-        x = self.norm1(x + self.dropout(att))
-        return self.norm2(x + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x))))))
+TokenInteractionLayer = SelfAttentionLayer  # post-norm self-attention among the first-selected tokens + FFN
 
 
-class GuidedTokenUpdate(nn.Module):
+class GuidedTokenUpdate(CrossAttentionLayer):
     """BATO's token update: every encoder token cross-attends to the guiding tokens, then residual, norm, FFN.
 
     Queries are ``memory + memory_pos``, keys ``guide + guide_pos``, values ``guide`` (the guiding tokens'
     mask embeddings). Padding tokens come back unchanged.
     """
 
-    def __init__(self, d_model: int, d_ffn: int, dropout: float, n_heads: int):
-        super().__init__()
-        self.cross_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.linear1 = nn.Linear(d_model, d_ffn)
-        self.linear2 = nn.Linear(d_ffn, d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, memory: torch.Tensor, memory_pos: torch.Tensor, memory_mask: torch.Tensor,
+    def forward(self, memory: torch.Tensor, memory_pos: torch.Tensor, memory_mask: torch.Tensor,  # type: ignore[override]
                 guide: torch.Tensor, guide_pos: torch.Tensor) -> torch.Tensor:
         """``memory, memory_pos [B, S, D]``, ``memory_mask [B, S]`` (True = padding), ``guide, guide_pos [B, G, D]``."""
-        att = self.cross_attn(memory + memory_pos, guide + guide_pos, guide, need_weights=False)[0]
-        x = self.norm1(memory + self.dropout(att))
-        x = self.norm2(x + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x))))))
-        return torch.where(memory_mask[..., None], memory, x)
+        return torch.where(memory_mask[..., None], memory, super().forward(memory, memory_pos, guide, guide_pos))
 
 
 def _replicate_padding(x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
@@ -128,9 +101,8 @@ class DIMaskDINODecoder(MaskDINODecoder):
             self.bato_update = GuidedTokenUpdate(d, bato_dim_feedforward, dropout, nheads)
             self.bato_mask_conv = nn.Conv2d(d, mask_dim, 3, padding=1, bias=False)
             nn.init.xavier_uniform_(self.bato_mask_conv.weight)
-            self.bato_mask_norm = MaskedGroupNorm(32 if mask_dim % 32 == 0 else 1, mask_dim)
+            self.bato_mask_norm = group_norm(mask_dim)
             nn.init.zeros_(self.bato_mask_norm.weight)
-        self._ctx: dict | None = None
 
     @classmethod
     def from_config(cls, cfg) -> dict:
@@ -159,37 +131,18 @@ class DIMaskDINODecoder(MaskDINODecoder):
         return DISetCriterion(ti_loss_weight=cfg.MODEL.MaskDINO.TI_LOSS_WEIGHT, **kwargs)
 
     # ---- De-Imbalance ----
-    @torch.no_grad()
-    def _mask_boxes(self, embeds: torch.Tensor, mask_features: torch.Tensor, image_sizes_feat: torch.Tensor,
-                    chunk: int = 128) -> torch.Tensor:
-        """Unsigmoided boxes of the queries' predicted masks, ``chunk`` queries at a time (bounded memory)."""
-        scale = torch.stack([image_sizes_feat[:, 1], image_sizes_feat[:, 0]] * 2, -1)[:, None]  # [B, 1, 4]
-        out = []
-        for e in embeds.split(chunk, 1):
-            masks = torch.einsum("bqd,bdhw->bqhw", e, mask_features) > 0
-            out.append(box_xyxy_to_cxcywh(masks_to_boxes(masks)) / scale)
-        return inverse_sigmoid(torch.cat(out, 1).clamp(0, 1))
-
-    def select_queries(self, memory, memory_mask, shapes, mask_features, image_sizes_feat):
-        """First selection → token interaction → second selection. Returns the second selection's content
-        ``[B, Q, D]`` and unsigmoided boxes ``[B, Q, 4]`` (both in the graph when ``ti_layers > 0``) and the
-        encoder-loss outputs; TI outputs go to the context for ``forward``."""
-        out_mem, props, valid = self.proposals(memory, memory_mask, shapes)
-        with torch.no_grad():  # scores only rank the tokens
-            scores = self.class_embed(out_mem).max(-1).values.masked_fill(~valid, float("-inf"))  # [B, S]
-        k1 = min(self.first_selected_queries, scores.shape[1])
-        k = min(self.num_queries, k1)
-        idx = scores.topk(k1, dim=1).indices  # [B, K1], best first
-        d = out_mem.shape[-1]
-        tgt = torch.gather(out_mem, 1, idx[..., None].expand(-1, -1, d))  # [B, K1, D]
-        ref_unsig = self.bbox_embed(tgt) + torch.gather(props, 1, idx[..., None].expand(-1, -1, 4))  # unsigmoided
-        sel_valid = torch.gather(valid, 1, idx)  # [B, K1]
-        first = self.heads(tgt, mask_features)
+    def select_queries(self, inputs: DecoderInputs) -> QuerySelection:
+        """First selection → token interaction → second selection: the second selection's content
+        ``[B, Q, D]`` and unsigmoided boxes ``[B, Q, 4]`` (both in the graph when ``ti_layers > 0``), the
+        encoder-loss outputs and, in training, ``extras["ti_outputs"]`` (per TI layer logits and boxes)."""
+        tgt, ref_unsig, sel_valid = self.top_tokens(inputs, self.first_selected_queries)  # [B, K1, ...], best first
+        k = min(self.num_queries, tgt.shape[1])
+        first = self.heads(tgt, inputs.mask_features)
         interm = {"pred_logits": first["pred_logits"][:, :k], "pred_embeds": first["pred_embeds"][:, :k],
-                  "mask_features": mask_features, "pred_boxes": ref_unsig[:, :k].sigmoid()}
+                  "mask_features": inputs.mask_features, "pred_boxes": ref_unsig[:, :k].sigmoid()}
         ref = ref_unsig.detach()
         if self.initialize_box_type != "no":
-            ref = self._mask_boxes(first["pred_embeds"].detach(), mask_features, image_sizes_feat)
+            ref = self.mask_boxes(first["pred_embeds"].detach(), inputs)
         x = tgt.detach()
         ti_outputs = []
         for layer in self.ti_layers:
@@ -201,14 +154,11 @@ class DIMaskDINODecoder(MaskDINODecoder):
         if ti_outputs:
             score2 = ti_outputs[-1]["pred_logits"].max(-1).values.masked_fill(~sel_valid, float("-inf"))
             idx2 = score2.topk(k, dim=1).indices  # [B, Q]
-            x = torch.gather(x, 1, idx2[..., None].expand(-1, -1, d))
-            ref = torch.gather(ref, 1, idx2[..., None].expand(-1, -1, 4))
+            x, ref = gather_tokens(x, idx2), gather_tokens(ref, idx2)
         else:  # the first selection is sorted by score: the second keeps its head
             x, ref = x[:, :k], ref[:, :k]
-        if self._ctx is not None:
-            self._ctx.update(ti_outputs=ti_outputs, num_queries=k, ref=ref.detach(), memory_mask=memory_mask,
-                             shapes=shapes, mask_features=mask_features, image_sizes_feat=image_sizes_feat)
-        return x, ref, interm
+        extras = {"ti_outputs": ti_outputs} if self.training and ti_outputs else {}
+        return QuerySelection(x, ref, interm, extras)
 
     # ---- BATO ----
     def guiding_tokens(self, hs: torch.Tensor, num_queries: int) -> torch.Tensor:
@@ -218,23 +168,21 @@ class DIMaskDINODecoder(MaskDINODecoder):
         scores = self.class_embed(self.decoder_norm(hm)).max(-1).values  # [B, Q]
         return scores.topk(min(self.num_guiding_tokens, num_queries), dim=1).indices
 
-    def _bato(self, memory: torch.Tensor, hs: torch.Tensor) -> None:
-        ctx = self._ctx
-        q, d = ctx["num_queries"], self.hidden_dim
+    def bato(self, inputs: DecoderInputs, hs: torch.Tensor, selection: QuerySelection) -> DecoderInputs:
+        """``inputs`` with the guided token update of the memory and the mask features fused with its
+        highest-resolution level; ``hs`` are the queries after decoder layer 0."""
+        q, d = selection.num_queries, self.hidden_dim
         hm = hs[:, hs.shape[1] - q:]  # matching queries after layer 0
         gidx = self.guiding_tokens(hs, q)  # [B, G]
-        g = torch.gather(hm, 1, gidx[..., None].expand(-1, -1, d))
-        gn = self.decoder_norm(g)
+        gn = self.decoder_norm(gather_tokens(hm, gidx))
         guide = self.bato_guide_proj(self.mask_embed(gn))  # [B, G, D]
         with torch.no_grad():  # their layer-0 boxes, as the decoder computes them
-            ref0 = torch.gather(ctx["ref"], 1, gidx[..., None].expand(-1, -1, 4))
+            ref0 = gather_tokens(selection.boxes_unsig.detach(), gidx)
             gbox = (self.bbox_embed(gn) + inverse_sigmoid(ref0.sigmoid())).sigmoid()
         guide_pos = self.bato_pos_head(gen_sineembed_for_position(gbox, d))
-        mask, shapes = ctx["memory_mask"], ctx["shapes"]
-        mem_pos = self.bato_pos_head(gen_sineembed_for_position(token_boxes(mask, shapes), d))
-        updated = self.bato_update(memory, mem_pos, mask, guide, guide_pos)
-        ctx["memory"] = updated
-        ctx["guiding_indices"] = gidx
+        mask, shapes = inputs.memory_mask, inputs.shapes
+        mem_pos = self.bato_pos_head(gen_sineembed_for_position(encoder_proposals(mask, shapes), d))
+        updated = self.bato_update(inputs.memory, mem_pos, mask, guide, guide_pos)
         # highest-resolution level → mask features (conv + norm + activation, zero at padding)
         sizes = [h * w for h, w in shapes]
         lvl = max(range(len(shapes)), key=lambda i: sizes[i])
@@ -242,40 +190,23 @@ class DIMaskDINODecoder(MaskDINODecoder):
         h, w = shapes[lvl]
         lv = updated[:, start:start + h * w].transpose(1, 2).reshape(-1, d, h, w)
         lv = _replicate_padding(lv, mask[:, start:start + h * w].view(-1, h, w))
-        mf = ctx["mask_features"]
+        mf = inputs.mask_features
         fh, fw = mf.shape[-2:]
         lv = F.interpolate(lv, size=(fh, fw), mode="bilinear", align_corners=False)
-        fs = ctx["image_sizes_feat"]
+        fs = inputs.feat_sizes
         dev = mf.device
         valid = ((torch.arange(fh, device=dev)[None, :, None] < fs[:, 0, None, None])
                  & (torch.arange(fw, device=dev)[None, None, :] < fs[:, 1, None, None]))[:, None].to(mf.dtype)
         add = F.gelu(self.bato_mask_norm(self.bato_mask_conv(lv * valid), valid)) * valid
-        ctx["mask_features_out"] = mf + add
+        return dataclasses.replace(inputs, memory=updated, mask_features=mf + add)
 
-    def layer_memory(self, layer: int, memory: torch.Tensor, hs: torch.Tensor) -> torch.Tensor:
-        if self.num_guiding_tokens <= 0 or layer == 0 or self._ctx is None:
-            return memory
-        if "memory" not in self._ctx:
-            self._bato(memory, hs)
-        return self._ctx["memory"]
-
-    def layer_mask_features(self, layer: int, mask_features: torch.Tensor, hs: torch.Tensor) -> torch.Tensor:
-        if self.num_guiding_tokens <= 0 or layer == 0 or self._ctx is None or "mask_features_out" not in self._ctx:
-            return mask_features
-        return self._ctx["mask_features_out"]
-
-    def forward(self, multi_scale_features, masks, mask_features, image_sizes, padded_size, targets=None) -> dict:
-        """As ``MaskDINODecoder.forward``; in training the output also has ``ti_outputs`` (per TI layer
-        ``pred_logits``, ``pred_boxes`` of the first-selected tokens)."""
-        self._ctx = {}
-        try:
-            out = super().forward(multi_scale_features, masks, mask_features, image_sizes, padded_size, targets)
-            ctx = self._ctx
-        finally:
-            self._ctx = None
-        if self.training and ctx["ti_outputs"]:
-            out["ti_outputs"] = ctx["ti_outputs"]
-        return out
+    def layer_inputs(self, i: int, inputs: DecoderInputs, hs: torch.Tensor,
+                     selection: QuerySelection | None) -> DecoderInputs:
+        """Layer 0 reads the encoder's tokens; BATO updates them (and the mask features) once, before layer 1,
+        and layers >= 1 and their heads read the update."""
+        if self.num_guiding_tokens > 0 and i == 1 and selection is not None:
+            return self.bato(inputs, hs, selection)
+        return inputs
 
 
 class DISetCriterion(SetCriterion):
@@ -287,14 +218,11 @@ class DISetCriterion(SetCriterion):
         super().__init__(**kwargs)
         self.ti_loss_weight = ti_loss_weight
 
-    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
-        losses = super().forward(outputs, targets)
+    def extra_losses(self, outputs: dict, targets: list[dict], num: float) -> dict[str, torch.Tensor]:
+        losses: dict[str, torch.Tensor] = {}
         ti = outputs.get("ti_outputs") or []
         if not (self.deep_supervision and ti and self.ti_loss_weight > 0):
             return losses
-        device = ti[0]["pred_logits"].device
-        num = torch.as_tensor(float(sum(int(t["labels"].numel()) for t in targets)), device=device)
-        num = max(float(comm.all_reduce_mean(num).item()), 1.0)
         for i, out in enumerate(ti):
             indices = self.matcher(out, targets)  # no pred_embeds: class and box costs only
             part = self.loss_labels(out, targets, indices, num)

@@ -1,4 +1,9 @@
-"""Hungarian matching of queries to ground truth: focal class, point-sampled mask BCE and dice, L1, GIoU."""
+"""Hungarian matching of queries to ground truth: focal class, point-sampled mask BCE and dice, L1, GIoU.
+
+Serves closed-set and text-prompted detectors alike: class costs take each target's class as a label
+or a class vector, and an optional ``logit_mask`` (see ``layers.set_prediction``); without
+``pred_embeds`` only class and box costs are used (GroundingDINO, DI-MaskDINO's token interaction).
+"""
 
 from __future__ import annotations
 
@@ -7,16 +12,9 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from surgdino.modeling.maskdino.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
-from surgdino.modeling.maskdino.point_sampling import point_sample, sample_binary_masks
-
-
-def focal_class_cost(logits: torch.Tensor, labels: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
-    """``logits [Q, C]``, ``labels [N]`` → ``[Q, N]``: focal loss of "positive" minus that of "negative"."""
-    prob = logits.sigmoid()
-    neg = (1 - alpha) * prob.pow(gamma) * F.softplus(logits)  # -log(1 - p)
-    pos = alpha * (1 - prob).pow(gamma) * F.softplus(-logits)  # -log(p)
-    return (pos - neg)[:, labels]
+from surgdino.modeling.layers.geometry import box_cxcywh_to_xyxy, generalized_box_iou
+from surgdino.modeling.layers.point_sampling import point_sample, sample_binary_masks
+from surgdino.modeling.layers.set_prediction import class_targets_of, focal_class_cost
 
 
 def mask_bce_cost(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -59,14 +57,16 @@ class HungarianMatcher(nn.Module):
     def forward(self, outputs: dict, targets: list[dict], use_masks: bool = True
                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``outputs``: ``pred_logits [B, Q, C]``, ``pred_boxes [B, Q, 4]`` (normalised cxcywh) and, for mask
-        costs, ``pred_embeds [B, Q, D]`` with ``mask_features [B, D, h, w]``. ``targets``: per image
-        ``labels [N]``, ``boxes [N, 4]`` (normalised cxcywh), ``masks [N, H, W]`` (padded batch size).
+        costs, ``pred_embeds [B, Q, D]`` with ``mask_features [B, D, h, w]``; optionally ``logit_mask [B, C]``.
+        ``targets``: per image ``labels [N]`` (or also ``class_vectors [N, C]``), ``boxes [N, 4]``
+        (normalised cxcywh), ``masks [N, H, W]`` (padded batch size; only for mask costs).
         Returns per image ``(query indices, target indices)``, int64.
         """
         logits = outputs["pred_logits"].float()
         boxes = outputs["pred_boxes"].float()
         bsz, nq = logits.shape[:2]
         device = logits.device
+        logit_mask = outputs.get("logit_mask")
         use_masks = use_masks and "pred_embeds" in outputs and self.cost_mask + self.cost_dice > 0
         point_logits = None
         if use_masks:
@@ -80,7 +80,8 @@ class HungarianMatcher(nn.Module):
                 empty = torch.empty(0, dtype=torch.int64)
                 indices.append((empty, empty.clone()))
                 continue
-            cost = self.cost_class * focal_class_cost(logits[b], tgt["labels"], self.focal_alpha, self.focal_gamma)
+            cost = self.cost_class * focal_class_cost(logits[b], class_targets_of(tgt), self.focal_alpha,
+                                                      self.focal_gamma, None if logit_mask is None else logit_mask[b])
             tgt_boxes = tgt["boxes"].float()
             cost = cost + self.cost_box * torch.cdist(boxes[b], tgt_boxes, p=1)
             cost = cost - self.cost_giou * generalized_box_iou(box_cxcywh_to_xyxy(boxes[b]), box_cxcywh_to_xyxy(tgt_boxes))

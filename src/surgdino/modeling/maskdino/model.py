@@ -1,21 +1,26 @@
-"""The MaskDINO meta-architecture: per-image dicts in; weighted losses (train) or per-image instances (eval) out."""
+"""The MaskDINO meta-architecture: per-image dicts in; weighted losses (train) or per-image instances (eval) out.
+
+Three stages, separable: ``preprocessor`` (dicts → normalised padded images, padding mask, targets),
+``forward_tensors(images, pad_mask)`` (tensors only, no data-dependent Python control flow: what
+tracing and export see) and ``postprocessor`` (raw outputs → per-image instances).
+"""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from surgdino.modeling.backbone import build_backbone
-from surgdino.modeling.maskdino.box_ops import box_xyxy_to_cxcywh
 from surgdino.modeling.maskdino.criterion import SetCriterion
 from surgdino.modeling.maskdino.de_imbalance import DIMaskDINODecoder  # noqa: F401  (fills DECODER_REGISTRY)
 from surgdino.modeling.maskdino.decoder import MaskDINODecoder  # noqa: F401  (fills DECODER_REGISTRY)
 from surgdino.modeling.maskdino.matcher import HungarianMatcher
 from surgdino.modeling.maskdino.postprocess import InstancePostProcessor
-from surgdino.modeling.pixel_decoder import MaskDINOEncoder
-from surgdino.registry import DECODER_REGISTRY, META_ARCH_REGISTRY
-from surgdino.structures import batch_images
+from surgdino.modeling.maskdino.preprocess import Preprocessor
+from surgdino.modeling.pixel_decoder import MaskDINOEncoder  # noqa: F401  (fills PIXEL_DECODER_REGISTRY)
+from surgdino.registry import DECODER_REGISTRY, META_ARCH_REGISTRY, PIXEL_DECODER_REGISTRY
+
+RAW_OUTPUTS = ("pred_logits", "pred_boxes", "pred_embeds", "mask_features")
 
 
 @META_ARCH_REGISTRY.register("MaskDINO")
@@ -31,16 +36,16 @@ class MaskDINO(nn.Module):
         self.decoder = decoder
         self.criterion = criterion
         self.postprocessor = postprocessor
-        self.size_divisibility = max(size_divisibility, getattr(backbone, "size_divisibility", 0) or 0)
+        self.preprocessor = Preprocessor(pixel_mean, pixel_std,
+                                         max(size_divisibility, getattr(backbone, "size_divisibility", 0) or 0))
         self.loss_weight = loss_weight
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
 
     @classmethod
-    def from_config(cls, cfg) -> MaskDINO:
+    def from_config(cls, cfg) -> dict:
         backbone = build_backbone(cfg)
         m = cfg.MODEL.MaskDINO
-        pixel_decoder = MaskDINOEncoder(**MaskDINOEncoder.from_config(cfg, backbone.output_shape()))
+        pd_cls = PIXEL_DECODER_REGISTRY.get(cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME)
+        pixel_decoder = pd_cls(**pd_cls.from_config(cfg, backbone.output_shape()))
         dec_cls = DECODER_REGISTRY.get(m.TRANSFORMER_DECODER_NAME)
         decoder = dec_cls(**dec_cls.from_config(cfg))
         matcher = HungarianMatcher(cost_class=m.COST_CLASS_WEIGHT, cost_mask=m.COST_MASK_WEIGHT,
@@ -55,41 +60,36 @@ class MaskDINO(nn.Module):
                          focal_gamma=m.FOCAL_GAMMA, dn=m.DN, deep_supervision=m.DEEP_SUPERVISION, box_loss=m.BOX_LOSS)
         build_criterion = getattr(dec_cls, "build_criterion", None)  # DI-MaskDINO adds token-interaction losses
         criterion = build_criterion(cfg, **crit_args) if build_criterion else SetCriterion(**crit_args)
-        return cls(backbone=backbone, pixel_decoder=pixel_decoder, decoder=decoder, criterion=criterion,
-                   postprocessor=InstancePostProcessor.from_config(cfg), pixel_mean=cfg.MODEL.PIXEL_MEAN,
-                   pixel_std=cfg.MODEL.PIXEL_STD,
-                   size_divisibility=max(m.SIZE_DIVISIBILITY, cfg.INPUT.SIZE_DIVISIBILITY),
-                   loss_weight=cfg.MODEL.SEM_SEG_HEAD.LOSS_WEIGHT)
+        return dict(backbone=backbone, pixel_decoder=pixel_decoder, decoder=decoder, criterion=criterion,
+                    postprocessor=InstancePostProcessor(**InstancePostProcessor.from_config(cfg)),
+                    pixel_mean=cfg.MODEL.PIXEL_MEAN, pixel_std=cfg.MODEL.PIXEL_STD,
+                    size_divisibility=max(m.SIZE_DIVISIBILITY, cfg.INPUT.SIZE_DIVISIBILITY),
+                    loss_weight=cfg.MODEL.SEM_SEG_HEAD.LOSS_WEIGHT)
 
-    def _targets(self, batched_inputs: list[dict], padded: tuple[int, int]) -> list[dict]:
-        out = []
-        dev = self.pixel_mean.device
-        for x in batched_inputs:
-            inst = x["instances"]
-            h, w = x["image"].shape[-2:]
-            scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=dev)
-            masks = inst["masks"].to(dev).bool()
-            masks = F.pad(masks, (0, padded[1] - w, 0, padded[0] - h))  # [N, Hp, Wp]
-            out.append({"labels": inst["classes"].to(dev).long(),
-                        "boxes": box_xyxy_to_cxcywh(inst["boxes"].to(dev).float() / scale), "masks": masks})
-        return out
+    @property
+    def size_divisibility(self) -> int:
+        return self.preprocessor.size_divisibility
+
+    def _outputs(self, images: torch.Tensor, pad_mask: torch.Tensor, targets: list[dict] | None) -> dict:
+        image_sizes = torch.stack([(~pad_mask[:, :, 0]).sum(1), (~pad_mask[:, 0, :]).sum(1)], -1)  # [B, 2] (h, w)
+        features = self.backbone(images)
+        mask_features, levels, masks = self.pixel_decoder(features, pad_mask)
+        return self.decoder(levels, masks, mask_features, image_sizes, tuple(images.shape[-2:]), targets)
+
+    def forward_tensors(self, images: torch.Tensor, pad_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Raw predictions of normalised padded ``images [B, 3, H, W]`` with ``pad_mask [B, H, W]`` (True =
+        padding, bottom/right): ``pred_logits [B, Q, C]``, ``pred_boxes [B, Q, 4]`` (cxcywh normalised to each
+        image's unpadded extent), ``pred_embeds [B, Q, Dm]``, ``mask_features [B, Dm, H/4, W/4]``."""
+        out = self._outputs(images, pad_mask, None)
+        return {k: out[k] for k in RAW_OUTPUTS}
 
     def forward(self, batched_inputs: list[dict]):
-        dev = self.pixel_mean.device
-        images = [(x["image"].to(dev).float() - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-        batch = batch_images(images, self.size_divisibility)
-        padded = tuple(batch.tensors.shape[-2:])
-        sizes = torch.tensor([list(im.shape[-2:]) for im in images], device=dev)
-        features = self.backbone(batch.tensors)
-        mask_features, levels, masks = self.pixel_decoder(features, batch.mask)
-        targets = self._targets(batched_inputs, padded) if self.training else None
-        out = self.decoder(levels, masks, mask_features, sizes, padded, targets)
+        batch = self.preprocessor(batched_inputs, with_targets=self.training)
         if self.training:
-            return {k: v * self.loss_weight for k, v in self.criterion(out, targets).items()}
-        results = []
-        for i, x in enumerate(batched_inputs):
-            h, w = images[i].shape[-2:]
-            results.append(self.postprocessor(
-                out["pred_logits"][i], out["pred_boxes"][i], out["pred_embeds"][i], out["mask_features"][i],
-                image_size=(h, w), padded_size=padded, out_size=(int(x.get("height", h)), int(x.get("width", w)))))
-        return results
+            out = self._outputs(batch.images, batch.pad_mask, batch.targets)
+            return {k: v * self.loss_weight for k, v in self.criterion(out, batch.targets).items()}
+        out = self.forward_tensors(batch.images, batch.pad_mask)
+        padded = tuple(batch.images.shape[-2:])
+        return [self.postprocessor(out["pred_logits"][i], out["pred_boxes"][i], out["pred_embeds"][i],
+                                   out["mask_features"][i], image_size=size, padded_size=padded, out_size=out_size)
+                for i, (size, out_size) in enumerate(zip(batch.image_sizes, batch.out_sizes))]

@@ -26,10 +26,10 @@ class InstancePostProcessor:
         self.chunk = chunk
 
     @classmethod
-    def from_config(cls, cfg) -> InstancePostProcessor:
-        return cls(detections_per_image=cfg.TEST.DETECTIONS_PER_IMAGE, score_threshold=cfg.TEST.SCORE_THRESHOLD,
-                   one_label_per_query=cfg.TEST.ONE_LABEL_PER_QUERY,
-                   overlap_threshold=cfg.MODEL.MaskDINO.TEST.OVERLAP_THRESHOLD)
+    def from_config(cls, cfg) -> dict:
+        return dict(detections_per_image=cfg.TEST.DETECTIONS_PER_IMAGE, score_threshold=cfg.TEST.SCORE_THRESHOLD,
+                    one_label_per_query=cfg.TEST.ONE_LABEL_PER_QUERY,
+                    overlap_threshold=cfg.MODEL.MaskDINO.TEST.OVERLAP_THRESHOLD)
 
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, boxes: torch.Tensor, embeds: torch.Tensor, mask_features: torch.Tensor,

@@ -1,0 +1,98 @@
+"""The DINO decoder loop, written once: iterative box refinement ("look forward twice") over decoder
+layers, with explicit per-layer inputs instead of side channels.
+
+``BoxRefinementDecoder`` is a template. A subclass owns ``layers`` (e.g. ``DeformableDecoderLayer``),
+``ref_point_head`` (MLP 2D → D on the sine embedding of the boxes), ``decoder_norm``, ``bbox_embed``,
+``hidden_dim`` and ``initial_pred``, and implements ``predict``. Extension points, all explicit:
+
+* ``layer_inputs(i, inputs, hs, selection)`` → the ``DecoderInputs`` layer ``i`` and its heads use (DI-MaskDINO's
+  BATO returns updated memory and mask features from layer 1 on; the default returns ``inputs``);
+* ``run_layer(i, layer, hs, query_pos, ref_input, inputs, attn_mask)`` → the layer call (GroundingDINO
+  passes its text memory, a subclass field of ``DecoderInputs``);
+* ``box_delta(i, hs)`` → unsigmoided box update (per-layer box heads override it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from surgdino.modeling.layers.misc import inverse_sigmoid
+from surgdino.modeling.layers.position_encoding import gen_sineembed_for_position
+
+
+@dataclass
+class DecoderInputs:
+    """What decoder layers read: ``memory [B, S, D]`` with ``memory_mask [B, S]`` (True = padding), level
+    ``shapes`` and ``ratios [B, L, 2]``; ``mask_features [B, Dm, h, w]`` and ``feat_sizes [B, 2]`` (unpadded
+    h, w in mask-feature pixels) for mask heads. Subclass it for more (text memory and its mask)."""
+
+    memory: torch.Tensor
+    memory_mask: torch.Tensor
+    shapes: list[tuple[int, int]]
+    ratios: torch.Tensor
+    mask_features: torch.Tensor | None = None
+    feat_sizes: torch.Tensor | None = None
+
+
+@dataclass
+class QuerySelection:
+    """A query selection: ``content [B, Q, D]``, reference boxes ``boxes_unsig [B, Q, 4]`` (unsigmoided),
+    ``interm`` (outputs supervised as the encoder's) and ``extras`` (more outputs, e.g. ``ti_outputs``)."""
+
+    content: torch.Tensor
+    boxes_unsig: torch.Tensor
+    interm: dict
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def num_queries(self) -> int:
+        return self.content.shape[1]
+
+
+class BoxRefinementDecoder(nn.Module):
+    """``refine(tgt, ref_unsig, inputs, attn_mask, selection)`` → one prediction dict per layer (the
+    initial prediction first when ``initial_pred``). See the module docstring for what subclasses provide."""
+
+    layers: nn.ModuleList
+    ref_point_head: nn.Module
+    decoder_norm: nn.Module
+    bbox_embed: nn.Module
+    hidden_dim: int
+    initial_pred: bool
+
+    def predict(self, hs: torch.Tensor, boxes: torch.Tensor, inputs: DecoderInputs) -> dict:
+        raise NotImplementedError
+
+    def layer_inputs(self, i: int, inputs: DecoderInputs, hs: torch.Tensor,
+                     selection: QuerySelection | None) -> DecoderInputs:
+        return inputs
+
+    def run_layer(self, i: int, layer: nn.Module, hs: torch.Tensor, query_pos: torch.Tensor, ref_input: torch.Tensor,
+                  inputs: DecoderInputs, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        return layer(hs, query_pos, ref_input, inputs.memory, inputs.memory_mask, inputs.shapes, attn_mask)
+
+    def box_delta(self, i: int, hs: torch.Tensor) -> torch.Tensor:
+        return self.bbox_embed(self.decoder_norm(hs))
+
+    def refine(self, tgt: torch.Tensor, ref_unsig: torch.Tensor, inputs: DecoderInputs,
+               attn_mask: torch.Tensor | None = None, selection: QuerySelection | None = None) -> list[dict]:
+        """``tgt [B, N, D]`` queries with boxes ``ref_unsig [B, N, 4]``; ``attn_mask [N, N]`` True = blocked."""
+        ref_sig = ref_unsig.sigmoid()
+        preds = []
+        if self.initial_pred:
+            preds.append(self.predict(tgt, ref_sig, inputs))
+        hs, prev = tgt, ref_sig
+        for i, layer in enumerate(self.layers):
+            inputs = self.layer_inputs(i, inputs, hs, selection)
+            ref_in = ref_sig.detach()[:, :, None] * torch.cat([inputs.ratios, inputs.ratios], -1)[:, None]  # [B, N, L, 4]
+            query_pos = self.ref_point_head(gen_sineembed_for_position(ref_in[:, :, 0], self.hidden_dim))
+            hs = self.run_layer(i, layer, hs, query_pos, ref_in, inputs, attn_mask)
+            delta = self.box_delta(i, hs)
+            box = (delta + inverse_sigmoid(prev)).sigmoid()  # look forward twice: grads reach the previous layer
+            local = (delta + inverse_sigmoid(ref_sig.detach())).sigmoid()
+            preds.append(self.predict(hs, box, inputs))
+            prev, ref_sig = local, local.detach()
+        return preds
