@@ -35,7 +35,7 @@ class EngineTestNet(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         noise = 0.0 if os.environ.get("ENGINE_TEST_NO_NOISE") else 0.01
-        return cls(num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, noise=noise)
+        return dict(num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, noise=noise)
 
     def _features(self, batch):
         device = self.head.weight.device

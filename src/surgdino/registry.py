@@ -1,4 +1,4 @@
-"""Registries: backbones, meta-architectures and decoders, filled on import; config names select them."""
+"""Registries: backbones, meta-architectures, pixel decoders and decoders, filled on import; config names select them."""
 
 from __future__ import annotations
 
@@ -26,11 +26,13 @@ class Registry:
 
         return deco
 
-    def get(self, name: str) -> Any:
+    def get(self, name: str, key: str | None = None) -> Any:
+        """The object registered as ``name``; ``key`` (the config key that named it) goes into the error."""
         if name not in self._items:
             close = difflib.get_close_matches(name, list(self._items), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"no {self.name} named {name!r}; available: {sorted(self._items)}{hint}")
+            where = f"{key} = {name!r}: " if key else ""
+            raise ConfigError(f"{where}no {self.name} named {name!r}; available: {sorted(self._items)}{hint}")
         return self._items[name]
 
     def __contains__(self, name: str) -> bool:

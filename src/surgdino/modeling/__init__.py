@@ -17,7 +17,7 @@ def build_model(cfg):
         except ModuleNotFoundError as e:
             if e.name != name:
                 raise
-    arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+    arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE, "MODEL.META_ARCHITECTURE")
     return arch(**arch.from_config(cfg))
 
 

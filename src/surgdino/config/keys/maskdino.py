@@ -14,14 +14,14 @@ d("MODEL.CONVNEXT.OUT_FEATURES", ["res2", "res3", "res4", "res5"], "list[str]", 
 d("MODEL.CONVNEXT.GRAD_CHECKPOINTING", False, "bool", "Recompute ConvNeXt stage activations in backward to save memory (slower; training only, same gradients).")
 
 h = "MODEL.SEM_SEG_HEAD."
-d(h + "NAME", "MaskDINOHead", "str", "Head name (detectron2 compatibility).")
+d(h + "NAME", "MaskDINOHead", "str", "Head name (detectron2 compatibility); only MaskDINOHead (the pixel decoder + decoder here).")
 d(h + "NUM_CLASSES", 80, "int", "Number of object classes (500 for the instrument catalogue).")
-d(h + "IGNORE_VALUE", 255, "int", "Ignored label value (semantic segmentation; unused for instances).")
+d(h + "IGNORE_VALUE", 255, "int", "Ignored label value of semantic segmentation; only 255 (instances have no ignored label).")
 d(h + "LOSS_WEIGHT", 1.0, "float", "Multiplier of all head losses.")
 d(h + "CONVS_DIM", 256, "int", "Channels of the pixel decoder.")
 d(h + "MASK_DIM", 256, "int", "Channels of the stride-4 mask features (and of the mask embeddings).")
 d(h + "NORM", "GN", "str", "Normalisation in the pixel decoder.", choices=["GN", "BN", "LN", ""])
-d(h + "PIXEL_DECODER_NAME", "MaskDINOEncoder", "str", "Pixel decoder: MaskDINOEncoder (multi-scale deformable encoder).")
+d(h + "PIXEL_DECODER_NAME", "MaskDINOEncoder", "str", "Pixel decoder from the registry (surgdino.registry.PIXEL_DECODER_REGISTRY): MaskDINOEncoder (multi-scale deformable encoder + mask-feature FPN).")
 d(h + "IN_FEATURES", ["res2", "res3", "res4", "res5"], "list[str]", "Backbone features the head may use.")
 d(h + "DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES", ["res3", "res4", "res5"], "list[str]",
   "Backbone features entering the deformable encoder; must agree with NUM_FEATURE_LEVELS.")
@@ -39,7 +39,7 @@ m = "MODEL.MaskDINO."
 d(m + "TRANSFORMER_DECODER_NAME", "MaskDINODecoder", "str", "MaskDINODecoder, or DIMaskDINODecoder (De-Imbalance + BATO).",
   choices=["MaskDINODecoder", "DIMaskDINODecoder"])
 d(m + "DEEP_SUPERVISION", True, "bool", "Losses on every decoder layer (and on the token-interaction outputs with DI).")
-d(m + "NO_OBJECT_WEIGHT", 0.1, "float", "Weight of the no-object class (kept for configs; focal loss has no such class).")
+d(m + "NO_OBJECT_WEIGHT", 0.1, "float", "Weight of the no-object class; only 0.1 (kept for MaskDINO configs: the focal loss has no such class).")
 d(m + "CLASS_WEIGHT", 4.0, "float", "Weight of the focal class loss.")
 d(m + "MASK_WEIGHT", 5.0, "float", "Weight of the point-sampled mask BCE loss (raise to 7 for thin instruments).")
 d(m + "DICE_WEIGHT", 5.0, "float", "Weight of the point-sampled dice loss.")
@@ -58,13 +58,13 @@ d(m + "NUM_OBJECT_QUERIES", 300, "int", "Queries selected from the encoder (400 
 d(m + "NHEADS", 8, "int", "Attention heads in the decoder.")
 d(m + "DROPOUT", 0.0, "float", "Dropout in the decoder.")
 d(m + "DIM_FEEDFORWARD", 2048, "int", "FFN width of decoder layers.")
-d(m + "ENC_LAYERS", 0, "int", "Unused (encoder layers are SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS).")
+d(m + "ENC_LAYERS", 0, "int", "Only 0: encoder layers are SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS.")
 d(m + "DEC_LAYERS", 9, "int", "Decoder layers (9 for complex scenes; the paper uses 6 with DI).")
 d(m + "DEC_N_POINTS", 4, "int", "Deformable sampling points per head and level in the decoder.")
 d(m + "INITIAL_PRED", True, "bool", "Also predict (and supervise) from the selected queries before decoder layer 0.")
-d(m + "PRE_NORM", False, "bool", "Unused (post-norm decoder, as MaskDINO).")
+d(m + "PRE_NORM", False, "bool", "Only False: the decoder is post-norm, as MaskDINO's.")
 d(m + "BOX_LOSS", True, "bool", "Box L1 and GIoU losses on.")
-d(m + "ENFORCE_INPUT_PROJ", False, "bool", "Unused (kept for MaskDINO configs).")
+d(m + "ENFORCE_INPUT_PROJ", False, "bool", "Only False (kept for MaskDINO configs: encoder and decoder widths are equal, no projection).")
 d(m + "TWO_STAGE", True, "bool", "Select queries from encoder tokens (must be on; learnable queries are not supported).")
 d(m + "INITIALIZE_BOX_TYPE", "mask2box", "str", "Initial boxes of selected queries: mask2box (from their predicted masks), bitmask (alias), no (from encoder box head).",
   choices=["mask2box", "bitmask", "no"])
@@ -72,8 +72,8 @@ d(m + "DN", "seg", "str", "Denoising training: seg (boxes and masks), standard (
 d(m + "DN_NOISE_SCALE", 0.4, "float", "Box noise scale of denoising queries.")
 d(m + "DN_NUM", 100, "int", "Denoising query budget; groups = DN_NUM // max instances, at least 1 (never silently off).")
 d(m + "DN_LABEL_NOISE_RATIO", 0.2, "float", "Fraction of denoising labels flipped to random classes.")
-d(m + "PRED_CONV", False, "bool", "Unused (kept for MaskDINO configs).")
-d(m + "EVAL_FLAG", 1, "int", "Unused (kept for MaskDINO configs).")
+d(m + "PRED_CONV", False, "bool", "Only False (kept for MaskDINO configs: mask embeddings come from an MLP).")
+d(m + "EVAL_FLAG", 1, "int", "Only 1 (kept for MaskDINO configs).")
 d(m + "SIZE_DIVISIBILITY", 32, "int", "Batched images are padded to a multiple of this.")
 d(m + "TRAIN_NUM_POINTS", 12544, "int", "Points sampled per mask for the mask losses and costs (16384 for thin instruments).")
 d(m + "OVERSAMPLE_RATIO", 3.0, "float", "Point sampling: candidates = TRAIN_NUM_POINTS × this.")
@@ -86,13 +86,13 @@ d(m + "TI_LAYERS", 2, "int",
   "DI: token-interaction layers between the two selections (self-attention with box positions, FFN, box refinement; each layer's box delta is applied once, the reference code adds it twice); 0 = the second selection takes the first's best (3 for trays).")
 d(m + "TI_LOSS_WEIGHT", 1.0, "float",
   "DI: multiplier of the class and box losses on each token-interaction layer's outputs (loss_{ce,bbox,giou}_ti{i} = usual weight × this; own Hungarian matching on class and box costs); only when DEEP_SUPERVISION is on; 0 = off.")
-d(m + "TEST.INSTANCE_ON", True, "bool", "Instance segmentation output (the only task).")
+d(m + "TEST.INSTANCE_ON", True, "bool", "Instance segmentation output; only True (the only task).")
 d(m + "TEST.SEMANTIC_ON", False, "bool", "Semantic output: not supported; must stay False.", choices=[False])
 d(m + "TEST.PANOPTIC_ON", False, "bool", "Panoptic output: not supported; must stay False.", choices=[False])
-d(m + "TEST.OBJECT_MASK_THRESHOLD", 0.25, "float", "Unused for instances (kept for MaskDINO configs).")
+d(m + "TEST.OBJECT_MASK_THRESHOLD", 0.25, "float", "Only 0.25 (kept for MaskDINO instance configs; panoptic inference is not supported).")
 d(m + "TEST.OVERLAP_THRESHOLD", 0.8, "float",
   "Occlusion handling: a detection whose mask IoU with a higher-scored detection is >= this is dropped (1.0 = off; 0.6 for trays).")
-d(m + "TEST.TEST_FOUCUS_ON_BOX", False, "bool", "Unused (kept for MaskDINO configs).")
+d(m + "TEST.TEST_FOUCUS_ON_BOX", False, "bool", "Only False (kept for MaskDINO configs: scores come from classes and masks).")
 
 
 _LEVELS = ["res2", "res3", "res4", "res5"]
@@ -144,10 +144,38 @@ def check_feature_levels(cfg) -> None:
                           f"and by {p}DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS")
 
 
+# keys MaskDINO configs carry that select nothing here: each accepts its one supported value
+_ONE_VALUE = {
+    h + "NAME": ("MaskDINOHead", "the head is the pixel decoder + MaskDINO decoder"),
+    h + "IGNORE_VALUE": (255, "instance segmentation has no ignored label"),
+    m + "NO_OBJECT_WEIGHT": (0.1, "the focal class loss has no no-object class"),
+    m + "ENC_LAYERS": (0, "encoder layers are MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS"),
+    m + "PRE_NORM": (False, "the decoder layers are post-norm"),
+    m + "ENFORCE_INPUT_PROJ": (False, "the decoder reads the encoder's tokens without a projection"),
+    m + "PRED_CONV": (False, "mask embeddings come from an MLP"),
+    m + "EVAL_FLAG": (1, "there is one evaluation mode"),
+    m + "TEST.INSTANCE_ON": (True, "instance segmentation is the only task"),
+    m + "TEST.OBJECT_MASK_THRESHOLD": (0.25, "it is a panoptic-inference threshold; panoptic is not supported"),
+    m + "TEST.TEST_FOUCUS_ON_BOX": (False, "scores come from classes and masks"),
+}
+
+
+def check_one_value_keys(cfg) -> None:
+    """Keys kept for MaskDINO configs that select nothing: another value than the supported one is an error."""
+    from surgdino.errors import ConfigError
+
+    for key, (value, why) in _ONE_VALUE.items():
+        got = cfg.get(key)
+        if got != value:
+            raise ConfigError(f"{key} = {got!r} is not supported: only {value!r} ({why}); remove the key or set "
+                              f"it to {value!r}")
+
+
 def _register() -> None:
     from surgdino.config.validate import register_check
 
     register_check(check_feature_levels)
+    register_check(check_one_value_keys)
 
 
 _register()

@@ -44,9 +44,10 @@ class MaskDINO(nn.Module):
     def from_config(cls, cfg) -> dict:
         backbone = build_backbone(cfg)
         m = cfg.MODEL.MaskDINO
-        pd_cls = PIXEL_DECODER_REGISTRY.get(cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME)
+        pd_cls = PIXEL_DECODER_REGISTRY.get(cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME,
+                                            "MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME")
         pixel_decoder = pd_cls(**pd_cls.from_config(cfg, backbone.output_shape()))
-        dec_cls = DECODER_REGISTRY.get(m.TRANSFORMER_DECODER_NAME)
+        dec_cls = DECODER_REGISTRY.get(m.TRANSFORMER_DECODER_NAME, "MODEL.MaskDINO.TRANSFORMER_DECODER_NAME")
         decoder = dec_cls(**dec_cls.from_config(cfg))
         matcher = HungarianMatcher(cost_class=m.COST_CLASS_WEIGHT, cost_mask=m.COST_MASK_WEIGHT,
                                    cost_dice=m.COST_DICE_WEIGHT, cost_box=m.COST_BOX_WEIGHT,
