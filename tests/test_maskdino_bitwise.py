@@ -103,18 +103,19 @@ def _run(variant: str) -> dict[str, dict]:
     return out
 
 
-@pytest.fixture
-def one_thread():
+def _run_one_thread(variant: str) -> dict[str, dict]:
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    try:
+        return _run(variant)
+    finally:
+        torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_bit_identical_to_pre_refactor(variant, one_thread):
+def test_bit_identical_to_pre_refactor(variant):
     expected = json.loads(FIXTURE.read_text())[variant]
-    got = _run(variant)
+    got = _run_one_thread(variant)
     assert sorted(got) == sorted(expected), "different losses, parameters or outputs"
     bad = [f"{k}: sum {got[k]['sum']!r} != {expected[k]['sum']!r}" for k in expected
            if got[k]["sha"] != expected[k]["sha"] or got[k]["shape"] != expected[k]["shape"]]
@@ -122,7 +123,6 @@ def test_bit_identical_to_pre_refactor(variant, one_thread):
 
 
 if __name__ == "__main__" and "--regenerate" in sys.argv:
-    torch.set_num_threads(1)
     FIXTURE.parent.mkdir(exist_ok=True)
-    FIXTURE.write_text(json.dumps({v: _run(v) for v in sorted(VARIANTS)}, indent=0, sort_keys=True) + "\n")
+    FIXTURE.write_text(json.dumps({v: _run_one_thread(v) for v in sorted(VARIANTS)}, indent=0, sort_keys=True) + "\n")
     print(f"wrote {FIXTURE} ({FIXTURE.stat().st_size} bytes)")

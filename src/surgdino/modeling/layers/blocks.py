@@ -48,15 +48,23 @@ class PostNormLayer(nn.Module):
         return attn(query, key, value, attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=False)[0]
 
 
-class SelfAttentionLayer(PostNormLayer):
-    """Self-attention among tokens (positions added to queries and keys), then FFN."""
+class _AttentionFFNLayer(PostNormLayer):
+    """One ``nn.MultiheadAttention`` named ``attn_name`` with its norm ``norm1``, then the FFN (``norm2``)."""
+
+    attn_name = "self_attn"
 
     def __init__(self, d_model: int, d_ffn: int, dropout: float, n_heads: int):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        setattr(self, self.attn_name, nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True))
         self.norm1 = nn.LayerNorm(d_model)
         self.add_ffn(d_model, d_ffn, "norm2")
         self.dropout = nn.Dropout(dropout)
+
+
+class SelfAttentionLayer(_AttentionFFNLayer):
+    """Self-attention among tokens (positions added to queries and keys), then FFN."""
+
+    self_attn: nn.MultiheadAttention
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -66,15 +74,11 @@ class SelfAttentionLayer(PostNormLayer):
         return self.ffn(x)
 
 
-class CrossAttentionLayer(PostNormLayer):
+class CrossAttentionLayer(_AttentionFFNLayer):
     """Tokens ``x`` attend to ``other`` (queries ``x + pos``, keys ``other + other_pos``, values ``other``), then FFN."""
 
-    def __init__(self, d_model: int, d_ffn: int, dropout: float, n_heads: int):
-        super().__init__()
-        self.cross_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.add_ffn(d_model, d_ffn, "norm2")
-        self.dropout = nn.Dropout(dropout)
+    attn_name = "cross_attn"
+    cross_attn: nn.MultiheadAttention
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, other: torch.Tensor, other_pos: torch.Tensor,
                 other_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
