@@ -12,7 +12,7 @@ import torch
 
 from surgdino.log import get_logger
 from surgdino.modeling.layers import inverse_sigmoid
-from surgdino.modeling.maskdino.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+from surgdino.modeling.layers.geometry import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 
 _warned = False
 
