@@ -122,7 +122,16 @@ def test_bit_identical_to_pre_refactor(variant):
     assert not bad, f"{len(bad)} of {len(expected)} tensors changed:\n" + "\n".join(bad[:20])
 
 
+def _dumps(data: dict[str, dict[str, dict]]) -> str:
+    """One line per tensor, so a regenerated file diffs by tensor."""
+    parts = []
+    for v in sorted(data):
+        rows = ",\n".join(f"  {json.dumps(k)}: {json.dumps(data[v][k], sort_keys=True)}" for k in sorted(data[v]))
+        parts.append(f"{json.dumps(v)}: {{\n{rows}\n}}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
+
+
 if __name__ == "__main__" and "--regenerate" in sys.argv:
     FIXTURE.parent.mkdir(exist_ok=True)
-    FIXTURE.write_text(json.dumps({v: _run_one_thread(v) for v in sorted(VARIANTS)}, indent=0, sort_keys=True) + "\n")
+    FIXTURE.write_text(_dumps({v: _run_one_thread(v) for v in sorted(VARIANTS)}))
     print(f"wrote {FIXTURE} ({FIXTURE.stat().st_size} bytes)")

@@ -61,7 +61,8 @@ def _replicate_padding(x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
 
 @DECODER_REGISTRY.register("DIMaskDINODecoder")
 class DIMaskDINODecoder(MaskDINODecoder):
-    """MaskDINO's decoder with De-Imbalance (first selection → token interaction → second selection) and BATO.
+    """MaskDINO's decoder with a different selection (``select_queries``, De-Imbalance: first selection →
+    token interaction → second selection) and a per-layer memory update (``layer_inputs``, BATO).
 
     Choices (and where they differ from the reference code):
 
