@@ -1,9 +1,14 @@
-"""The DINO decoder loop, written once: iterative box refinement ("look forward twice") over decoder
-layers, with explicit per-layer inputs instead of side channels.
+"""The DINO decoder, written once: two-stage query selection from encoder tokens and iterative box
+refinement ("look forward twice") over decoder layers, with explicit per-layer inputs instead of side
+channels. Denoising queries enter ``refine`` as extra leading queries with their attention mask.
 
 ``BoxRefinementDecoder`` is a template. A subclass owns ``layers`` (e.g. ``DeformableDecoderLayer``),
 ``ref_point_head`` (MLP 2D → D on the sine embedding of the boxes), ``decoder_norm``, ``bbox_embed``,
-``hidden_dim`` and ``initial_pred``, and implements ``predict``. Extension points, all explicit:
+``hidden_dim`` and ``initial_pred``, and implements ``predict``; for two-stage query selection
+(``top_tokens``) also ``enc_output`` and ``enc_output_norm``. Extension points, all explicit:
+
+* ``token_scores(out_mem, inputs)`` → per encoder token the score that ranks it for selection (closed set:
+  best class logit; GroundingDINO: best token similarity with the text);
 
 * ``layer_inputs(i, inputs, hs, selection)`` → the ``DecoderInputs`` layer ``i`` and its heads use (DI-MaskDINO's
   BATO returns updated memory and mask features from layer 1 on; the default returns ``inputs``);
@@ -19,7 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from surgdino.modeling.layers.misc import inverse_sigmoid
+from surgdino.modeling.layers.geometry import encoder_proposals
+from surgdino.modeling.layers.misc import gather_tokens, inverse_sigmoid
 from surgdino.modeling.layers.position_encoding import gen_sineembed_for_position
 
 
@@ -63,8 +69,40 @@ class BoxRefinementDecoder(nn.Module):
     hidden_dim: int
     initial_pred: bool
 
+    enc_output: nn.Module
+    enc_output_norm: nn.Module
+    class_embed: nn.Module
+
     def predict(self, hs: torch.Tensor, boxes: torch.Tensor, inputs: DecoderInputs) -> dict:
         raise NotImplementedError
+
+    # ---- two-stage query selection ----
+    def proposals(self, memory: torch.Tensor, memory_mask: torch.Tensor, shapes: list[tuple[int, int]]
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per token a box prior (its cell, size by resolution) and the transformed memory; invalid → masked.
+        Returns ``out_mem [B, S, D]``, unsigmoided priors ``[B, S, 4]`` and validity ``[B, S]``."""
+        props = encoder_proposals(memory_mask, shapes)  # [B, S, 4] float32
+        valid = ((props > 0.01) & (props < 0.99)).all(-1) & ~memory_mask
+        props = inverse_sigmoid(props).masked_fill(~valid[..., None], 0.0)
+        out = self.enc_output_norm(self.enc_output(memory.masked_fill(~valid[..., None], 0.0)))
+        return out, props, valid
+
+    def token_scores(self, out_mem: torch.Tensor, inputs: DecoderInputs) -> torch.Tensor:
+        """``[B, S]``: the best class logit of every transformed encoder token."""
+        return self.class_embed(out_mem).max(-1).values
+
+    def top_tokens(self, inputs: DecoderInputs, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ``k`` best-scoring valid encoder tokens, best first: content ``[B, K, D]`` (in the graph), boxes
+        ``[B, K, 4]`` unsigmoided (encoder box head + proposal) and their validity ``[B, K]``."""
+        out_mem, props, valid = self.proposals(inputs.memory, inputs.memory_mask, inputs.shapes)
+        with torch.no_grad():  # scores only rank the tokens; the selected ones' outputs are recomputed below
+            scores = self.token_scores(out_mem, inputs).masked_fill(~valid, float("-inf"))  # [B, S]
+        idx = scores.topk(min(k, scores.shape[1]), dim=1).indices  # [B, K]
+        tgt = gather_tokens(out_mem, idx)  # [B, K, D]
+        # box head on the selected tokens only (same values as on all S tokens, then gathered)
+        return tgt, self.bbox_embed(tgt) + gather_tokens(props, idx), torch.gather(valid, 1, idx)
+
+    # ---- the refinement loop ----
 
     def layer_inputs(self, i: int, inputs: DecoderInputs, hs: torch.Tensor,
                      selection: QuerySelection | None) -> DecoderInputs:

@@ -12,12 +12,11 @@ import math
 import torch
 from torch import nn
 
-from surgdino.modeling.layers import MLP, gather_tokens, inverse_sigmoid
+from surgdino.modeling.layers import MLP, inverse_sigmoid
 from surgdino.modeling.layers.blocks import DeformableDecoderLayer
 from surgdino.modeling.layers.box_refine import BoxRefinementDecoder, DecoderInputs, QuerySelection
 from surgdino.modeling.layers.geometry import (
     box_xyxy_to_cxcywh,
-    encoder_proposals,
     masks_to_boxes,
     valid_ratios,
 )
@@ -79,25 +78,6 @@ class MaskDINODecoder(BoxRefinementDecoder):
         return dict(self.heads(hs, inputs.mask_features), pred_boxes=boxes)
 
     # ---- query selection ----
-    def proposals(self, memory, memory_mask, shapes):
-        """Per token a box prior (its cell, size by resolution) and the transformed memory; invalid → masked."""
-        props = encoder_proposals(memory_mask, shapes)  # [B, S, 4] float32
-        valid = ((props > 0.01) & (props < 0.99)).all(-1) & ~memory_mask
-        props = inverse_sigmoid(props).masked_fill(~valid[..., None], 0.0)
-        out = self.enc_output_norm(self.enc_output(memory.masked_fill(~valid[..., None], 0.0)))
-        return out, props, valid
-
-    def top_tokens(self, inputs: DecoderInputs, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The ``k`` best-scoring valid encoder tokens, best first: content ``[B, K, D]`` (in the graph), boxes
-        ``[B, K, 4]`` unsigmoided (encoder box head + proposal) and their validity ``[B, K]``."""
-        out_mem, props, valid = self.proposals(inputs.memory, inputs.memory_mask, inputs.shapes)
-        with torch.no_grad():  # scores only rank the tokens; the selected ones' outputs are recomputed below
-            scores = self.class_embed(out_mem).max(-1).values.masked_fill(~valid, float("-inf"))  # [B, S]
-        idx = scores.topk(min(k, scores.shape[1]), dim=1).indices  # [B, K]
-        tgt = gather_tokens(out_mem, idx)  # [B, K, D]
-        # box head on the selected tokens only (same values as on all S tokens, then gathered)
-        return tgt, self.bbox_embed(tgt) + gather_tokens(props, idx), torch.gather(valid, 1, idx)
-
     @torch.no_grad()
     def mask_boxes(self, embeds: torch.Tensor, inputs: DecoderInputs, chunk: int = 128) -> torch.Tensor:
         """Unsigmoided boxes ``[B, K, 4]`` of the masks ``embeds [B, K, Dm]`` · mask features predict,
