@@ -231,3 +231,15 @@ def test_eager_loss_gradients_equal_plain_autograd():
     (ga,) = torch.autograd.grad(_eager(_focal_sum, logits, onehot, 0.25, 2.0)[0], logits)
     (gb,) = torch.autograd.grad(_focal_sum(logits, onehot, 0.25, 2.0)[0], logits)
     torch.testing.assert_close(ga, gb)
+
+
+def test_keys_that_select_nothing_accept_only_their_value_and_names_select_through_registries():
+    from surgdino.modeling import build_model
+
+    for key, bad in (("MODEL.MaskDINO.PRE_NORM", "True"), ("MODEL.MaskDINO.NO_OBJECT_WEIGHT", "0.2"),
+                     ("MODEL.SEM_SEG_HEAD.NAME", "OtherHead"), ("MODEL.MaskDINO.TEST.INSTANCE_ON", "False")):
+        with pytest.raises(ConfigError, match=f"{key} = .* is not supported: only"):
+            load_config(None, [key, bad])
+    with pytest.raises(ConfigError, match="PIXEL_DECODER_NAME = 'FPN': no pixel decoder named 'FPN'"):
+        build_model(load_config(None, ["MODEL.BACKBONE.NAME", "convnext_atto",
+                                       "MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME", "FPN"]))
