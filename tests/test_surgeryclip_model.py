@@ -122,7 +122,7 @@ def test_surgery_closed_form_and_cls(ref, ckpt, depth):
 
 
 def test_non_square_and_unpadded_sizes(ref, ckpt):
-    model = SurgeryCLIP.from_checkpoint(ckpt, surgery_depth=0, text=False).eval()
+    model = SurgeryCLIP.from_checkpoint(ckpt, surgery_depth=0, text=False, pos_interp="bicubic").eval()
     table = model.visual.positional_embedding.detach().clone()
     # 40×24 → a 5×3 grid; the reference is open_clip with an independently interpolated table.
     grid = table[1:].reshape(1, GRID, GRID, WIDTH).permute(0, 3, 1, 2)
@@ -227,18 +227,73 @@ def test_bad_surgery_depth(ckpt):
         SurgeryCLIP.from_checkpoint(ckpt, surgery_depth=LAYERS + 1)
 
 
-def test_clip_feature_surgery_matches_materialised_formula():
+def reference_feature_surgery(image_features, text_features):
+    """CLIP Surgery's clip_feature_surgery (clip/clip.py, no redundant_feats), written out for one image [1, N, C]."""
+    prob = image_features[:, :1, :] @ text_features.t()  # CLS token only: [1, 1, T]
+    prob = (prob * 2).softmax(-1)
+    w = prob / prob.mean(-1, keepdim=True)
+    b, n_t, n_i, c = image_features.shape[0], text_features.shape[0], image_features.shape[1], image_features.shape[2]
+    feats = image_features.reshape(b, n_i, 1, c) * text_features.reshape(1, 1, n_t, c)
+    feats = feats * w.reshape(1, 1, n_t, 1)
+    feats = feats - feats.mean(2, keepdim=True)
+    return feats.sum(-1)  # [1, N, T]
+
+
+def test_clip_feature_surgery_matches_reference_formula():
     torch.manual_seed(0)
-    image = F.normalize(torch.randn(3, 10, 16), dim=-1)  # [B, N, C]
+    image = F.normalize(torch.randn(3, 10, 16), dim=-1)  # [B, N, C], CLS first
     text = F.normalize(torch.randn(5, 16), dim=-1)  # [T, C]
-    # upstream, made batched: element-wise products weighted per class, minus their class mean, summed over C
-    w = (image @ text.t() * 2).softmax(-1)
-    w = w / w.mean(-1, keepdim=True)  # [B, N, T]
-    feats = image[:, :, None, :] * text[None, None] * w[..., None]  # [B, N, T, C]
-    expected = (feats - feats.mean(2, keepdim=True)).sum(-1)
-    torch.testing.assert_close(clip_feature_surgery(image, text), expected, rtol=1e-5, atol=1e-6)
+    expected = torch.cat([reference_feature_surgery(image[i:i + 1], text) for i in range(3)])  # per image
+    ours = clip_feature_surgery(image, text)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+    # one weight per class shared by all tokens: changing a patch token changes only its own row
+    moved = image.clone()
+    moved[:, 5] = F.normalize(torch.randn(3, 16), dim=-1)
+    changed = (clip_feature_surgery(moved, text) - ours).abs().amax(-1)  # [B, N]
+    assert (changed[:, 5] > 1e-3).all() and changed[:, torch.arange(10) != 5].max() < 1e-6
     redundant = torch.randn(16)
     torch.testing.assert_close(clip_feature_surgery(image, text, redundant), image @ (text - redundant).t())
+
+
+def test_position_embeddings_bilinear_as_clip_surgery_by_default(ref, ckpt):
+    model = SurgeryCLIP.from_checkpoint(ckpt, surgery_depth=0, text=False).eval()
+    assert model.visual.pos_interp == "bilinear"
+    table = model.visual.positional_embedding.detach()
+    # CLIP Surgery (clip/clip_surgery_model.py): the square table resized with F.interpolate(..., mode='bilinear')
+    new_side = 6  # 48×48 images, patch 8
+    new_pos = table[1:, :].reshape(-1, GRID, GRID, WIDTH).permute(0, 3, 1, 2)
+    new_pos = F.interpolate(new_pos, (new_side, new_side), mode="bilinear")
+    new_pos = new_pos.reshape(-1, WIDTH, new_side * new_side).transpose(1, 2)
+    expected = torch.cat([table[:1, :], new_pos[0]], 0)
+    with torch.no_grad():
+        torch.testing.assert_close(model.visual.pos_embed(6, 6), expected, rtol=0, atol=1e-6)
+        bicubic = SurgeryCLIP.from_checkpoint(ckpt, surgery_depth=0, text=False, pos_interp="bicubic").eval()
+        assert not torch.allclose(bicubic.visual.pos_embed(6, 6), expected, atol=1e-3)
+        torch.testing.assert_close(bicubic.visual.pos_embed(GRID, GRID), model.visual.pos_embed(GRID, GRID))
+    with pytest.raises(SurgDinoError, match="POS_INTERP"):
+        SurgeryCLIP.from_checkpoint(ckpt, text=False, pos_interp="nearest")
+
+
+def test_explicit_head_counts(tmp_path):
+    """Checkpoints whose heads are not 64 wide: head counts given explicitly reproduce open_clip."""
+    torch.manual_seed(1)
+    ref4 = CLIP(32, CLIPVisionCfg(layers=2, width=WIDTH, head_width=32, patch_size=PATCH, image_size=PATCH * GRID),
+                CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=2, layers=1), quick_gelu=True).eval()
+    with torch.no_grad():
+        for name, p in ref4.named_parameters():
+            if name != "logit_scale" and ".ln_" not in name and not name.startswith("ln_"):
+                p.copy_(0.08 * torch.randn_like(p))
+    path = save_checkpoint(ref4, tmp_path / "clip4.pt")
+    images, tokens = torch.randn(1, 3, 32, 32), torch.randint(1, 1000, (2, 77))
+    with torch.no_grad():
+        ours = SurgeryCLIP.from_checkpoint(path, surgery_depth=0, heads=4, text_heads=2).eval()
+        torch.testing.assert_close(ours.encode_image(images), open_clip_tokens(ref4, images), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.encode_text(tokens), ref4.encode_text(tokens), rtol=1e-5, atol=1e-5)
+        default = SurgeryCLIP.from_checkpoint(path, surgery_depth=0).eval()  # width/64 = 2 and 1 heads: wrong here
+        assert not torch.allclose(default.encode_image(images), ours.encode_image(images), atol=1e-4)
+        assert not torch.allclose(default.encode_text(tokens), ours.encode_text(tokens), atol=1e-4)
+    with pytest.raises(CheckpointError, match="not divisible by 3 heads"):
+        SurgeryCLIP.from_checkpoint(path, heads=3)
 
 
 def test_similarity_map_square_and_non_square():

@@ -24,3 +24,8 @@ d(s + "TRAINABLE_BLOCKS", 0, "int",
 d(s + "MULTI_SCALE", False, "bool",
   "Return a ViTDet simple feature pyramid (strides p/2, p, 2p, 4p: 8/16/32/64 for patch 16) instead of the single stride-p map.")
 d(s + "OUT_CHANNELS", 256, "int", "Channels of the feature pyramid levels (MULTI_SCALE only).")
+d(s + "POS_INTERP", "bilinear", "str",
+  "Position-embedding interpolation for token grids other than the pre-training one: bilinear "
+  "(align_corners False, as CLIP Surgery) or bicubic (antialiased, as open_clip's resize_pos_embed).",
+  choices=["bilinear", "bicubic"])
+d(s + "HEADS", 0, "int", "Attention heads of the CLIP image tower; 0 = width / 64 (every OpenAI/open_clip ViT).")

@@ -117,7 +117,8 @@ class SurgeryCLIPBackbone(Backbone):
         if not c.CKPT:
             raise ConfigError("MODEL.SURGERYCLIP.CKPT is empty; set it to a CLIP ViT checkpoint "
                               "(OpenAI .pt, open_clip or RemoteCLIP state dict), e.g. MODEL.SURGERYCLIP.CKPT /path/ViT-B-16.pt")
-        clip = SurgeryCLIP.from_checkpoint(c.CKPT, surgery_depth=c.SURGERY_DEPTH, act=c.ACT, text=False)
+        clip = SurgeryCLIP.from_checkpoint(c.CKPT, surgery_depth=c.SURGERY_DEPTH, act=c.ACT, text=False,
+                                           heads=c.HEADS or None, pos_interp=c.POS_INTERP)
         return cls(clip.visual, features=c.FEATURES, input_norm=c.INPUT_NORM, input_mean=cfg.MODEL.PIXEL_MEAN,
                    input_std=cfg.MODEL.PIXEL_STD, trainable_blocks=c.TRAINABLE_BLOCKS, multi_scale=c.MULTI_SCALE,
                    out_channels=c.OUT_CHANNELS)
@@ -208,7 +209,7 @@ def build_surgeryclip_backbone(args) -> tuple[SurgeryCLIPBackbone, list[int]]:
 
     Optional ``args`` fields (defaults as the config keys): ``surgeryclip_surgery_depth``, ``surgeryclip_act``,
     ``surgeryclip_features``, ``surgeryclip_input_norm``, ``surgeryclip_trainable_blocks`` (overrides the train flag),
-    ``surgeryclip_multi_scale``, ``surgeryclip_out_channels``. Returns the backbone and its channels per level.
+    ``surgeryclip_multi_scale``, ``surgeryclip_out_channels``, ``surgeryclip_heads``, ``surgeryclip_pos_interp``. Returns the backbone and its channels per level.
     """
     ckpt = getattr(args, "surgeryclip_ckpt", None)
     if not ckpt:
@@ -218,7 +219,9 @@ def build_surgeryclip_backbone(args) -> tuple[SurgeryCLIPBackbone, list[int]]:
     trainable = getattr(args, "surgeryclip_trainable_blocks", None) if getattr(
         args, "surgeryclip_trainable_blocks", None) is not None else trainable
     clip = SurgeryCLIP.from_checkpoint(ckpt, surgery_depth=getattr(args, "surgeryclip_surgery_depth", 6),
-                                       act=getattr(args, "surgeryclip_act", "auto"), text=False)
+                                       act=getattr(args, "surgeryclip_act", "auto"), text=False,
+                                       heads=getattr(args, "surgeryclip_heads", None),
+                                       pos_interp=getattr(args, "surgeryclip_pos_interp", "bilinear"))
     backbone = SurgeryCLIPBackbone(
         clip.visual, features=getattr(args, "surgeryclip_features", "width"),
         input_norm=getattr(args, "surgeryclip_input_norm", "imagenet"), trainable_blocks=trainable,

@@ -159,8 +159,12 @@ def _count_blocks(sd: dict[str, torch.Tensor], prefix: str) -> int:
     return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
 
 
-def infer_arch(sd: dict[str, torch.Tensor], path: str = "<state dict>", heads: int | None = None) -> CLIPArch:
-    """Read width, layers, patch, grid, output dim (and the text tower) from OpenAI-layout keys."""
+def infer_arch(sd: dict[str, torch.Tensor], path: str = "<state dict>", heads: int | None = None,
+               text_heads: int | None = None) -> CLIPArch:
+    """Read width, layers, patch, grid, output dim (and the text tower) from OpenAI-layout keys.
+
+    Head counts are not stored in a state dict: ``heads`` / ``text_heads`` default to width / 64.
+    """
     try:
         conv = sd["visual.conv1.weight"]  # [width, 3, patch, patch]
         width, patch = int(conv.shape[0]), int(conv.shape[-1])
@@ -178,11 +182,16 @@ def infer_arch(sd: dict[str, torch.Tensor], path: str = "<state dict>", heads: i
         raise CheckpointError(f"{path}: visual.proj is missing; SurgeryCLIP needs the image projection of a CLIP ViT")
     heads = heads or max(1, width // 64)  # every OpenAI/open_clip ViT uses 64-wide heads
     if width % heads:
-        raise CheckpointError(f"{path}: width {width} is not divisible by {heads} heads; pass heads explicitly")
+        raise CheckpointError(f"{path}: width {width} is not divisible by {heads} heads; pass heads explicitly "
+                              "(MODEL.SURGERYCLIP.HEADS)")
     text = {}
     if "token_embedding.weight" in sd and "text_projection" in sd:
         tw = int(sd["ln_final.weight"].shape[0])
-        text = dict(text_width=tw, text_layers=_count_blocks(sd, "transformer.resblocks."), text_heads=max(1, tw // 64),
+        text_heads = text_heads or max(1, tw // 64)
+        if tw % text_heads:
+            raise CheckpointError(f"{path}: text width {tw} is not divisible by {text_heads} heads; pass text_heads "
+                                  "explicitly")
+        text = dict(text_width=tw, text_layers=_count_blocks(sd, "transformer.resblocks."), text_heads=text_heads,
                     text_mlp_width=int(sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
                     context_length=int(sd["positional_embedding"].shape[0]),
                     vocab_size=int(sd["token_embedding.weight"].shape[0]))
@@ -190,7 +199,7 @@ def infer_arch(sd: dict[str, torch.Tensor], path: str = "<state dict>", heads: i
                     output_dim=int(proj.shape[1]), **text)
 
 
-def read_clip_checkpoint(path: str, heads: int | None = None) -> CLIPCheckpoint:
+def read_clip_checkpoint(path: str, heads: int | None = None, text_heads: int | None = None) -> CLIPCheckpoint:
     """Load any supported CLIP ViT checkpoint into float32 OpenAI-layout keys plus its inferred shape."""
     path = os.fspath(path)
     raw, source = _load_raw(path)
@@ -198,4 +207,4 @@ def read_clip_checkpoint(path: str, heads: int | None = None) -> CLIPCheckpoint:
     for k in _OPENAI_EXTRAS + ("attn_mask",):
         sd.pop(k, None)
     sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}  # OpenAI weights are fp16
-    return CLIPCheckpoint(state_dict=sd, arch=infer_arch(sd, path, heads), source=source, path=path)
+    return CLIPCheckpoint(state_dict=sd, arch=infer_arch(sd, path, heads, text_heads), source=source, path=path)

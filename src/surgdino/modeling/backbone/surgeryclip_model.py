@@ -25,6 +25,8 @@ from surgdino.modeling.backbone.surgeryclip_checkpoint import CLIPArch, read_cli
 logger = get_logger(__name__)
 
 ACTIVATIONS = ("quick_gelu", "gelu")
+# Position-embedding interpolation: CLIP Surgery's bilinear (align_corners False, the default) or open_clip's bicubic.
+POS_INTERPOLATIONS = ("bilinear", "bicubic")
 
 
 class QuickGELU(nn.Module):
@@ -121,11 +123,18 @@ class Transformer(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """CLIP's image tower; position embeddings interpolated (bicubic, cached) for any token grid."""
+    """CLIP's image tower; position embeddings interpolated (cached) for any token grid.
+
+    ``pos_interp``: "bilinear" (align_corners False, no antialiasing) as CLIP Surgery resizes them, or
+    "bicubic" (antialiased) as open_clip's ``resize_pos_embed`` does; both equal at the pre-training grid.
+    """
 
     def __init__(self, *, width: int, layers: int, heads: int, mlp_width: int, patch_size: int, grid_size: int,
-                 output_dim: int, act: str = "quick_gelu", surgery_depth: int = 6):
+                 output_dim: int, act: str = "quick_gelu", surgery_depth: int = 6, pos_interp: str = "bilinear"):
         super().__init__()
+        if pos_interp not in POS_INTERPOLATIONS:
+            raise SurgDinoError(f"MODEL.SURGERYCLIP.POS_INTERP = {pos_interp!r} is not one of {list(POS_INTERPOLATIONS)}")
+        self.pos_interp = pos_interp
         self.patch_size = patch_size
         self.grid_size = grid_size
         self.width = width
@@ -165,13 +174,16 @@ class VisionTransformer(nn.Module):
         if (gh, gw) == (self.grid_size, self.grid_size):
             return table
         differentiable = torch.is_grad_enabled() and table.requires_grad
-        key = (gh, gw, table.device, table.dtype, table.data_ptr(), table._version)
+        key = (gh, gw, self.pos_interp, table.device, table.dtype, table.data_ptr(), table._version)
         if not differentiable and key in self._pos_cache:
             self._pos_cache.move_to_end(key)
             return self._pos_cache[key]
         g, c = self.grid_size, table.shape[1]
         grid = table[1:].reshape(1, g, g, c).permute(0, 3, 1, 2).float()  # [1, C, g, g]
-        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False, antialias=True)  # [1, C, gh, gw]
+        if self.pos_interp == "bilinear":  # CLIP Surgery
+            grid = F.interpolate(grid, size=(gh, gw), mode="bilinear", align_corners=False)  # [1, C, gh, gw]
+        else:  # open_clip
+            grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False, antialias=True)
         out = torch.cat([table[:1], grid.to(table.dtype).permute(0, 2, 3, 1).reshape(gh * gw, c)])  # [1+gh*gw, C]
         if not differentiable:
             self._pos_cache[key] = out.detach()
@@ -245,12 +257,13 @@ def _tokenize(texts: list[str], context_length: int) -> torch.Tensor:
 class SurgeryCLIP(nn.Module):
     """CLIP (image tower with CLIP Surgery, optional text tower) in the OpenAI/open_clip state-dict layout."""
 
-    def __init__(self, arch: CLIPArch, *, surgery_depth: int = 6, act: str = "quick_gelu", text: bool = True):
+    def __init__(self, arch: CLIPArch, *, surgery_depth: int = 6, act: str = "quick_gelu", text: bool = True,
+                 pos_interp: str = "bilinear"):
         super().__init__()
         self.arch = arch
         self.visual = VisionTransformer(width=arch.width, layers=arch.layers, heads=arch.heads, mlp_width=arch.mlp_width,
                                         patch_size=arch.patch_size, grid_size=arch.grid_size, output_dim=arch.output_dim,
-                                        act=act, surgery_depth=surgery_depth)
+                                        act=act, surgery_depth=surgery_depth, pos_interp=pos_interp)
         self.has_text = bool(text and arch.has_text)
         if self.has_text:
             tw = arch.text_width
@@ -264,16 +277,19 @@ class SurgeryCLIP(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, surgery_depth: int = 6, act: str = "auto", text: bool = True,
-                        heads: int | None = None) -> SurgeryCLIP:
+                        heads: int | None = None, text_heads: int | None = None,
+                        pos_interp: str = "bilinear") -> SurgeryCLIP:
         """Build from an OpenAI (TorchScript or state dict), open_clip or RemoteCLIP ViT checkpoint, in float32.
 
         ``act="auto"`` picks QuickGELU, right for OpenAI weights and models fine-tuned from them (RemoteCLIP);
         open_clip models trained from scratch with GELU (e.g. LAION ``ViT-B-32``) need ``act="gelu"``.
+        ``heads`` / ``text_heads``: attention heads of the image / text tower, for checkpoints whose heads are
+        not 64 wide (default: width / 64). ``pos_interp``: see ``VisionTransformer``.
         """
-        ckpt = read_clip_checkpoint(os.fspath(path), heads=heads)
+        ckpt = read_clip_checkpoint(os.fspath(path), heads=heads, text_heads=text_heads)
         if act == "auto":
             act = "quick_gelu"
-        model = cls(ckpt.arch, surgery_depth=surgery_depth, act=act, text=text)
+        model = cls(ckpt.arch, surgery_depth=surgery_depth, act=act, text=text, pos_interp=pos_interp)
         sd = ckpt.state_dict
         if not model.has_text:
             sd = {k: v for k, v in sd.items() if k.startswith("visual.")}
@@ -324,13 +340,16 @@ def clip_feature_surgery(image_features: torch.Tensor, text_features: torch.Tens
                          redundant_feats: torch.Tensor | None = None, t: float = 2.0) -> torch.Tensor:
     """CLIP Surgery's feature surgery: ``[B, N, C] × [T, C] → [B, N, T]`` similarities with redundant features removed.
 
-    Same result as upstream (element-wise products, class-weighted, minus their mean over classes, summed
-    over channels) but in closed form: w·s − mean_T(w·s) with s = image·textᵀ, so no [B, N, T, C] tensor.
+    ``image_features`` hold the CLS token first (as ``encode_image`` returns them). As upstream, the class
+    weights come from the CLS token alone, w = softmax(t·s_cls) / mean(softmax(t·s_cls)) (one weight per
+    class and image, shared by every token), and the result is w·s − mean_T(w·s) with s = image·textᵀ:
+    upstream's element-wise products, weighted, minus their class mean, summed over channels, in closed
+    form (no [B, N, T, C] tensor). Upstream hard-codes t = 2, the default here.
     """
     if redundant_feats is not None:
         return image_features @ (text_features - redundant_feats).t()
     sim = image_features @ text_features.t()  # [B, N, T]
-    w = (sim * t).softmax(-1)
+    w = (sim[:, :1] * t).softmax(-1)  # [B, 1, T] from the CLS token
     w = w / w.mean(-1, keepdim=True)  # weights restraining the obvious classes
     weighted = w * sim
     return weighted - weighted.mean(-1, keepdim=True)
