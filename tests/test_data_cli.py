@@ -66,7 +66,8 @@ def test_check_decode_finds_corrupt_image(tmp_path, capsys):
     args = ["data", "check", "--annotations", path, "--image-root", str(tmp_path / "img")]
     assert main(args) == 0
     assert main(args + ["--decode"]) == 2
-    assert "images[1] (id 2): cannot decode image" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "images[1] (id 2): " in err and "t1.jpg: cannot decode the image" in err
 
 
 def test_check_bad_json_exits_2(tmp_path, capsys):

@@ -19,6 +19,7 @@ from surgdino.data import (
     register_datasets_from_config,
     validate_coco,
 )
+from surgdino.data.catalog import load_coco_dataset
 from surgdino.errors import ConfigError, DataError
 
 H, W = 24, 32
@@ -73,7 +74,7 @@ def write(tmp_path, data):
 
 def test_load_polygons_rle_crowd_and_empty(tmp_path):
     path, _ = make_coco(str(tmp_path))
-    records = load_coco_json(path, str(tmp_path), dataset_name="tiny_test")
+    records = load_coco_dataset("tiny_test", path, str(tmp_path))  # fills the dataset's metadata
     assert [r["image_id"] for r in records] == [10, 11, 12]
     assert records[2]["annotations"] == []  # empty images are kept
     assert os.path.isabs(records[0]["file_name"]) and os.path.isfile(records[0]["file_name"])

@@ -279,15 +279,15 @@ def plot_training_curves(metrics_jsonl: str, out_dir: str) -> list[str]:
                 ax.plot(xs, ys, marker="o", label=k.split("/", 1)[1], color=f"C{i % 10}",
                         linewidth=2.0 if k == f"{task}/AP" else 1.0)
         ax.set_xlabel("iteration")
-        ax.set_ylabel("%")
-        ax.set_title(f"{task} evaluation")
+        ax.set_ylabel("AP / AR (%)")
+        ax.set_title(f"{task} evaluation, AP (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, ncol=2)
         finish(fig, f"eval_{task}.png")
     return written
 
 
-def plot_per_class_ap(per_class: dict[str, float], out_path: str, title: str = "AP per class") -> str:
+def plot_per_class_ap(per_class: dict[str, float], out_path: str, title: str = "AP (%) per class") -> str:
     """Horizontal bar chart of per-class AP, best first; classes without a value (NaN) are marked."""
     plt = _pyplot()
     items = sorted(per_class.items(), key=lambda kv: (-(kv[1] if kv[1] == kv[1] else -1.0), kv[0]))

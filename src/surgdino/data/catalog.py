@@ -130,13 +130,25 @@ DatasetCatalog = _DatasetCatalog()
 MetadataCatalog = _MetadataCatalog()
 
 
+def load_coco_dataset(name: str, json_file: str, image_root: str) -> list[dict[str, Any]]:
+    """Records of a COCO json; fills dataset ``name``'s metadata (class names, id map, files)."""
+    from surgdino.data.coco import load_coco
+
+    records, cats = load_coco(json_file, image_root)
+    MetadataCatalog.get(name).set(
+        thing_classes=[c["name"] for c in cats],
+        thing_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(cats)},
+        json_file=os.path.abspath(os.path.expanduser(json_file)),
+        image_root=os.path.abspath(os.path.expanduser(image_root)), evaluator_type="coco",
+    )
+    return records
+
+
 def register_coco_instances(name: str, json_file: str, image_root: str) -> None:
     """Register a COCO instance json; loading (and its validation) happens on first use.
 
     Registering the same name again with the same files is a no-op; with other files an error.
     """
-    from surgdino.data.coco import load_coco_json
-
     json_file = os.path.abspath(os.path.expanduser(json_file))
     image_root = os.path.abspath(os.path.expanduser(image_root))
     if name in DatasetCatalog:
@@ -145,7 +157,7 @@ def register_coco_instances(name: str, json_file: str, image_root: str) -> None:
             return
         raise DataError(f"dataset {name!r} is already registered with json_file={meta.get('json_file')}, "
                         f"image_root={meta.get('image_root')}; use another name for {json_file}")
-    DatasetCatalog.register(name, lambda: load_coco_json(json_file, image_root, name))
+    DatasetCatalog.register(name, lambda: load_coco_dataset(name, json_file, image_root))
     meta = MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco")
     object.__setattr__(meta, "_loader", lambda: DatasetCatalog.get(name))
 
@@ -235,8 +247,6 @@ def ensure_synthetic_dataset(root: str) -> None:
 
 def register_synthetic(name: str, root: str) -> None:
     """Register one synthetic split (``synthetic_trays_train``/``_val``), generated on first ``get``."""
-    from surgdino.data.coco import load_coco_json
-
     root = os.path.abspath(os.path.expanduser(root))
     split = SYNTHETIC_NAMES[name]
     json_file, image_root = synthetic_paths(root, split)
@@ -247,7 +257,7 @@ def register_synthetic(name: str, root: str) -> None:
 
     def load() -> list[dict[str, Any]]:
         ensure_synthetic_dataset(root)
-        return load_coco_json(json_file, image_root, name)
+        return load_coco_dataset(name, json_file, image_root)
 
     DatasetCatalog.register(name, load)
     meta = MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco",

@@ -119,8 +119,14 @@ def _synth(args: argparse.Namespace) -> int:
             raise DataError(f"{flag} {v}: must be >= 0")
     if args.num_classes < 1 or args.image_size < 32:
         raise DataError("--num-classes must be >= 1 and --image-size >= 32")
-    from surgdino.data.synthetic import generate_synthetic_dataset
+    from surgdino.data.paths import make_output_dir
+    from surgdino.data.synthetic import existing_dataset_files, generate_synthetic_dataset
 
+    found = existing_dataset_files(args.out)
+    if found:
+        raise DataError(f"--out {args.out}: already holds a dataset ({', '.join(found)}); refusing to overwrite "
+                        "its annotations and images: choose a new --out folder, or delete that one first")
+    make_output_dir(args.out, "--out")
     info = generate_synthetic_dataset(
         args.out, num_train=args.num_train, num_val=args.num_val, num_classes=args.num_classes,
         image_size=args.image_size, seed=args.seed, instances_per_image=(lo, hi),
@@ -135,25 +141,20 @@ def _synth(args: argparse.Namespace) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     import numpy as np
-    from PIL import Image
 
-    from surgdino.data.catalog import MetadataCatalog
-    from surgdino.data.coco import decode_segmentation, load_coco_json
+    from surgdino.data.coco import decode_segmentation, load_coco
+    from surgdino.data.imageio import read_image
+    from surgdino.data.paths import make_output_dir
     from surgdino.errors import DataError
     from surgdino.visualize import draw_instances, save_image
 
     json_file, image_root = _dataset_files(args)
-    name = "__data_show__"
-    records = load_coco_json(json_file, image_root, dataset_name=name)
-    class_names = MetadataCatalog.get(name).thing_classes
-    MetadataCatalog.remove(name)
+    make_output_dir(args.out, "--out")
+    records, cats = load_coco(json_file, image_root)
+    class_names = [c["name"] for c in cats]
     written = []
     for r in records[: max(0, args.num)]:
-        try:
-            with Image.open(r["file_name"]) as im:
-                image = np.asarray(im.convert("RGB"))
-        except OSError as e:
-            raise DataError(f"{r['file_name']}: cannot decode image ({e}); run `surgdino data check --decode`") from None
+        image = read_image(r["file_name"])  # [H, W, 3]
         h, w = r["height"], r["width"]
         if image.shape[:2] != (h, w):
             raise DataError(f"{r['file_name']}: image is {image.shape[1]}x{image.shape[0]} but the json says {w}x{h}")

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from surgdino.data.paths import outside_root
+from surgdino.data.rle import rle_problem
 from surgdino.errors import DataError
 from surgdino.log import get_logger
 
@@ -114,13 +116,19 @@ def _rle_object(segm: dict[str, Any]) -> dict[str, Any]:
     return {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
 
 
-def _segmentation_area(segm: list | dict, height: int, width: int) -> float:
-    """Mask area in pixels of polygons or an RLE, without decoding to a bitmap."""
+def segmentation_area(segm: list | dict, height: int, width: int) -> float:
+    """Mask area in pixels of polygons or an RLE (COCO's ``area``), without decoding to a bitmap.
+
+    Polygons with fewer than 3 points are ignored; the RLE must be valid (``data.rle.rle_problem``).
+    """
     from pycocotools import mask as mask_util
 
     if isinstance(segm, dict):
         return float(mask_util.area(_rle_object(segm)))
-    return float(mask_util.area(mask_util.merge(mask_util.frPyObjects(segm, height, width))))
+    polys = [p for p in segm if len(p) >= 6]
+    if not polys:
+        return 0.0
+    return float(mask_util.area(mask_util.merge(mask_util.frPyObjects(polys, height, width))))
 
 
 def decode_segmentation(segm: list | dict, height: int, width: int) -> np.ndarray:
@@ -149,12 +157,9 @@ def _check_segmentation(segm: Any, h: int, w: int, where: str) -> tuple[list[str
         if list(size) != [h, w]:
             return [f"{where}: segmentation RLE size {size} does not match the image's [height, width] = "
                     f"[{h}, {w}]; re-encode the mask at the image's resolution or fix height/width"], None
-        if isinstance(counts, list):
-            if not all(_is_int(c) and c >= 0 for c in counts):
-                return [f"{where}: segmentation RLE counts must be non-negative integers"], None
-            if sum(counts) != h * w:
-                return [f"{where}: segmentation RLE counts sum to {sum(counts)}, not height*width = {h * w}; "
-                        "the run lengths do not cover the image"], None
+        problem = rle_problem(segm, h, w)  # malformed compressed counts hang pycocotools
+        if problem:
+            return [f"{where}: {problem}"], None
         return [], "rle"
     if isinstance(segm, list):
         if not segm:
@@ -227,6 +232,10 @@ def _scan(data: dict[str, Any], json_file: str, image_root: str, check_files: bo
         if not isinstance(img.get("file_name"), str) or not img["file_name"]:
             problems.append(f"{where}: missing 'file_name'; add the image path relative to the image root")
             bad = True
+        elif outside_root(img["file_name"]):
+            problems.append(f"{where}: file_name {img['file_name']!r} leaves the image root (absolute path or '..'); "
+                            "file names must be relative paths inside image_root / --image-root")
+            bad = True
         images[img["id"]] = {**img, "_index": i}
         if bad:
             continue
@@ -295,7 +304,7 @@ def _scan(data: dict[str, Any], json_file: str, image_root: str, check_files: bo
         if len(problems) > n_before or kind is None:
             continue
         if area is None:
-            area = _segmentation_area(segm, h, w)
+            area = segmentation_area(segm, h, w)
         records[image_id]["annotations"].append({
             "bbox": [float(v) for v in bbox],
             "category_id": id_map[cid],
@@ -317,52 +326,46 @@ def _raise_problems(json_file: str, problems: list[str], image_root: str) -> Non
     raise DataError(msg, problems)
 
 
-def load_coco_json(json_file: str, image_root: str, dataset_name: str | None = None) -> list[dict[str, Any]]:
-    """Dataset records (file_name, height, width, image_id, annotations) from a COCO instance json.
-
-    Category ids become contiguous 0..C-1 in order of the original ids; segmentations are kept as
-    given (polygons or RLE). Images without annotations are kept. Any problem raises a DataError
-    listing all of them. With ``dataset_name``, the metadata (class names, id map) is filled in.
-    """
+def load_coco(json_file: str, image_root: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(records, categories sorted by id) of a COCO instance json; see ``load_coco_json``."""
     json_file = os.path.abspath(os.path.expanduser(json_file))
     image_root = os.path.abspath(os.path.expanduser(image_root))
     data = read_coco_json(json_file)
     problems, records, cats = _scan(data, json_file, image_root, check_files=True)
     if problems:
         _raise_problems(json_file, problems, image_root)
-    if dataset_name is not None:
-        from surgdino.data.catalog import MetadataCatalog
-
-        MetadataCatalog.get(dataset_name).set(
-            thing_classes=[c["name"] for c in cats],
-            thing_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(cats)},
-            json_file=json_file, image_root=image_root, evaluator_type="coco",
-        )
     n_inst = sum(len(r["annotations"]) for r in records)
     logger.info(f"Loaded {len(records)} images, {n_inst} instances, {len(cats)} classes from {json_file}")
-    return records
+    return records, cats
+
+
+def load_coco_json(json_file: str, image_root: str) -> list[dict[str, Any]]:
+    """Dataset records (file_name, height, width, image_id, annotations) from a COCO instance json.
+
+    Category ids become contiguous 0..C-1 in order of the original ids; segmentations are kept as
+    given (polygons or RLE). Images without annotations are kept. Any problem raises a DataError
+    listing all of them. Class names and the id map: ``load_coco`` (the catalog fills a dataset's
+    metadata from them).
+    """
+    return load_coco(json_file, image_root)[0]
 
 
 def _check_image_file(path: str, h: int, w: int, where: str, decode: bool) -> str | None:
-    """A problem with the image file (unreadable header, size mismatch, undecodable pixels) or None."""
-    from PIL import Image, ImageOps
+    """A problem with the image file (unreadable, size mismatch, undecodable pixels) or None.
+
+    The size is the one training and ``predict`` see: EXIF orientation applied (``data.imageio``).
+    """
+    from surgdino.data.imageio import image_size
 
     try:
-        with Image.open(path) as im:
-            size = im.size  # (W, H) as stored
-            exif_size = size
-            if decode:
-                im.load()
-                exif_size = ImageOps.exif_transpose(im).size
-            elif im.format in ("JPEG", "MPO", "TIFF"):  # EXIF without decoding (PNG's getexif decodes)
-                orientation = im.getexif().get(0x0112, 1)
-                if orientation in (5, 6, 7, 8):
-                    exif_size = (size[1], size[0])
-    except Exception as e:  # PIL raises many types for broken files
-        return f"{where}: cannot decode image {path} ({type(e).__name__}: {e}); replace the file or remove the image"
-    if (w, h) not in (size, exif_size):
-        return (f"{where}: image {path} is {exif_size[0]}x{exif_size[1]} (WxH) but the json says {w}x{h}; "
-                "fix width/height in the json")
+        size = image_size(path, decode=decode)  # (W, H) as read
+    except DataError as e:
+        return f"{where}: {e}"
+    if (w, h) != size:
+        hint = (" (the stored size before its EXIF orientation is applied; images are read upright: fix "
+                "width/height and the annotations, or strip the EXIF orientation)" if (h, w) == size else "")
+        return f"{where}: image {path} is {size[0]}x{size[1]} (WxH) but the json says {w}x{h}{hint}; " \
+               "fix width/height in the json"
     return None
 
 
@@ -380,6 +383,9 @@ def validate_coco(json_file: str, image_root: str, check_images: bool = True,
         report.problems.append(str(e))
         return report
     problems, records, cats = _scan(data, json_file, image_root, check_files=check_images)
+    if isinstance(data.get("images"), list) and not data["images"]:
+        problems.append(f"{os.path.basename(json_file)}: 'images' is empty; a dataset needs at least one image "
+                        "(is this the right json?)")
     if check_images:
         fname = os.path.basename(json_file)
         index: dict[int, int] = {}

@@ -25,10 +25,28 @@ from surgdino.data.samplers import (
     _ShardedStream,
     mix_seed,
 )
-from surgdino.errors import ConfigError, DataError
+from surgdino.errors import ConfigError, DataError, SurgDinoError
 from surgdino.log import get_logger
 
 logger = get_logger(__name__)
+
+
+class _UserError:
+    """A user error raised while mapping a sample in a worker, carried to the main process as a value.
+
+    torch re-raises worker exceptions with the worker's traceback pasted into the message; carried
+    this way, the main process raises the error itself: the same one line as with 0 workers.
+    """
+
+    def __init__(self, error: SurgDinoError):
+        self.error_type, self.message = type(error), str(error)
+
+    def reraise(self) -> None:
+        try:
+            error = self.error_type(self.message)
+        except Exception:
+            error = SurgDinoError(self.message)
+        raise error from None
 
 
 class MappedDataset(Dataset):
@@ -41,11 +59,27 @@ class MappedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, key: int | tuple[int, int | None]) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int | None]) -> dict[str, Any] | _UserError:
         index, seed = key if isinstance(key, tuple) else (key, None)
-        if seed is None:
-            return self.mapper(self.records[index])
-        return self.mapper(self.records[index], seed=seed)
+        try:
+            if seed is None:
+                return self.mapper(self.records[index])
+            return self.mapper(self.records[index], seed=seed)
+        except SurgDinoError as e:
+            if torch.utils.data.get_worker_info() is None:
+                raise
+            return _UserError(e)
+
+
+class Loader(DataLoader):
+    """A ``DataLoader`` that raises user errors of its workers (bad image, bad mask) as the one-line error."""
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in super().__iter__():
+            for item in batch if isinstance(batch, list) else ():
+                if isinstance(item, _UserError):
+                    item.reraise()
+            yield batch
 
 
 class TrainBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -138,7 +172,7 @@ def build_loader_from_records(
         common["worker_init_fn"] = _WorkerInit(seed, rank)
     if not training:
         sampler = sampler if sampler is not None else InferenceSampler(len(records))
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=False, **common)
+        return Loader(dataset, batch_size=batch_size, sampler=sampler, drop_last=False, **common)
     sampler = sampler if sampler is not None else TrainingSampler(len(records), seed=seed)
     if not isinstance(sampler, _ShardedStream):
         raise TypeError("training needs a TrainingSampler or RepeatFactorTrainingSampler (resumable streams)")
@@ -146,7 +180,7 @@ def build_loader_from_records(
     if aspect_ratio_grouping:
         group_ids = [0 if int(r.get("width", 1)) >= int(r.get("height", 1)) else 1 for r in records]
     batch_sampler = TrainBatchSampler(sampler, batch_size, seed=seed, group_ids=group_ids, start_batch=start_iter)
-    return DataLoader(dataset, batch_sampler=batch_sampler, **common)
+    return Loader(dataset, batch_sampler=batch_sampler, **common)
 
 
 def _shared_seed(seed: int) -> int:

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 from torchvision.transforms import v2
 
+from surgdino.data import imageio
 from surgdino.data.coco import decode_segmentation
 from surgdino.data.transforms import (
     LargeScaleJitter,
@@ -34,19 +34,8 @@ MAPPER_NAMES = ("coco_instance", "coco_instance_lsj", "coco_instance_copy_paste"
 
 
 def read_image(file_name: str) -> torch.Tensor:
-    """Decode an image file to uint8 RGB ``[3, H, W]`` (EXIF orientation applied).
-
-    Pillow, not torchvision.io: the latter's decoders are deprecated since torchvision 0.29.
-    """
-    try:
-        with Image.open(file_name) as im:
-            arr = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))  # [H, W, 3]
-    except FileNotFoundError as e:
-        raise DataError(f"{file_name}: image file not found; check the dataset's image_root") from e
-    except Exception as e:
-        raise DataError(f"{file_name}: cannot decode the image ({type(e).__name__}: {e}); "
-                        "replace the file or remove it from the annotation json") from e
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()  # [3, H, W]
+    """Decode an image file to uint8 RGB ``[3, H, W]`` through ``data.imageio.read_image`` (EXIF applied)."""
+    return torch.from_numpy(imageio.read_image(file_name)).permute(2, 0, 1).contiguous()  # [3, H, W]
 
 
 def annotations_to_targets(record: dict[str, Any], height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -383,6 +383,16 @@ def _progress(it, total: int, split: str, enabled: bool):
     return tqdm(it, total=total, desc=f"synth {split}", unit="img")
 
 
+def existing_dataset_files(out_dir: str) -> list[str]:
+    """What of a generated dataset already lies in ``out_dir`` (annotation jsons, non-empty split folders)."""
+    out_dir = os.path.expanduser(out_dir)
+    found = [os.path.join("annotations", f"instances_{s}.json") for s in ("train", "val")
+             if os.path.exists(os.path.join(out_dir, "annotations", f"instances_{s}.json"))]
+    found += [f"{s}/" for s in ("train", "val")
+              if os.path.isdir(os.path.join(out_dir, s)) and os.listdir(os.path.join(out_dir, s))]
+    return found
+
+
 def generate_synthetic_dataset(out_dir: str, num_train: int = 200, num_val: int = 50, num_classes: int = 20,
                                image_size: int | tuple[int, int] = 512, seed: int = 0,
                                instances_per_image: tuple[int, int] = (20, 30), min_visible: float = 0.3,

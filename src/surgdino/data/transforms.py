@@ -112,6 +112,17 @@ def _pad_crop(inpt: Any, top: int, left: int, height: int, width: int, fill: flo
     return out
 
 
+def shortest_edge_size(h: int, w: int, short: int, max_size: int = 0) -> tuple[int, int]:
+    """``(H', W')`` with the short side ``short`` and the long side at most ``max_size`` (0 = no cap).
+
+    detectron2's rule, rounding halves up (``int(x + 0.5)``); the one rule of training, test and TTA resizes.
+    """
+    scale = short / min(h, w)
+    if max_size > 0 and max(h, w) * scale > max_size:
+        scale = max_size / max(h, w)
+    return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+
+
 class ResizeShortestEdge(v2.Transform):
     """Resize so the short side is one of ``short_edge_lengths`` ("choice") or uniform between its two
     values ("range"), then shrink if the long side would exceed ``max_size`` (detectron2's rule)."""
@@ -131,10 +142,7 @@ class ResizeShortestEdge(v2.Transform):
     @staticmethod
     def output_size(h: int, w: int, short: int, max_size: int) -> tuple[int, int]:
         """Size ``(H', W')`` for short side ``short`` capped at long side ``max_size`` (0 = no cap)."""
-        scale = short / min(h, w)
-        if max_size > 0 and max(h, w) * scale > max_size:
-            scale = max_size / max(h, w)
-        return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+        return shortest_edge_size(h, w, short, max_size)
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         h, w = _image_size(flat_inputs)

@@ -62,7 +62,9 @@ def default_setup(cfg: Config, *, tag: str = "train") -> None:
     out = cfg.OUTPUT_DIR
     root = get_logger()
     if comm.is_main_process():
-        os.makedirs(out, exist_ok=True)
+        from surgdino.data.paths import make_output_dir
+
+        make_output_dir(out, "OUTPUT_DIR")  # an existing file there: one clear line
         log_path = os.path.abspath(os.path.join(out, "log.txt"))
         for h in [h for h in root.handlers if getattr(h, "_surgdino_output", False)]:
             root.removeHandler(h)  # a previous run in this process logged elsewhere

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 from surgdino import comm
+from surgdino.data.coco import segmentation_area
+from surgdino.data.rle import rle_problem
 from surgdino.errors import SurgDinoError
 from surgdino.log import get_logger
 
@@ -104,6 +106,16 @@ def prepare_ground_truth(data: dict[str, Any], source: str = "ground truth") -> 
         bbox = a.get("bbox")
         if not (isinstance(bbox, list) and len(bbox) == 4):
             raise SurgDinoError(f"{where} needs bbox [x, y, w, h]")
+        segm = a.get("segmentation")
+        if isinstance(segm, dict):
+            img = images[a["image_id"]]
+            problem = (f"segmentation RLE size {segm.get('size')} is not the image's [height, width] = "
+                       f"{[img['height'], img['width']]}" if segm.get("size") != [img["height"], img["width"]]
+                       else rle_problem(segm, img["height"], img["width"]))
+            if problem:
+                raise SurgDinoError(f"{where}: {problem}")
+        elif segm is not None and not (isinstance(segm, list) and all(isinstance(p, list) for p in segm)):
+            raise SurgDinoError(f"{where}: segmentation must be a list of polygons or an RLE dict")
         a = dict(a)
         a.setdefault("iscrowd", 0)
         if "area" not in a:
@@ -115,17 +127,8 @@ def prepare_ground_truth(data: dict[str, Any], source: str = "ground truth") -> 
 
 def _segmentation_area(segm: Any, img: dict[str, Any], bbox: list[float]) -> float:
     """Area of a polygon/RLE segmentation (COCO's definition of ``area``), else the box area."""
-    from pycocotools import mask as mask_util
-
-    h, w = img["height"], img["width"]
-    if isinstance(segm, dict) and "counts" in segm:
-        rle = mask_util.frPyObjects(segm, h, w) if isinstance(segm["counts"], list) else segm
-        if isinstance(rle.get("counts"), str):
-            rle = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
-        return float(mask_util.area(rle))
-    polys = [p for p in segm or [] if len(p) >= 6]
-    if polys:
-        return float(mask_util.area(mask_util.merge(mask_util.frPyObjects(polys, h, w))))
+    if isinstance(segm, dict) or segm:
+        return segmentation_area(segm, img["height"], img["width"])
     return float(bbox[2] * bbox[3])
 
 
@@ -199,13 +202,18 @@ def validate_results(results: Any, gt: dict[str, Any], iou_types: Sequence[str],
         if r.get("category_id") not in cat_ids:
             raise SurgDinoError(f"{where} has category_id {r.get('category_id')!r}, not among the categories of "
                                 f"{gt_source} ({len(cat_ids)} ids); use the dataset's category ids, not contiguous ones")
-        if not isinstance(r.get("score"), (int, float)) or isinstance(r.get("score"), bool):
-            raise SurgDinoError(f"{where} needs a numeric score")
+        score = r.get("score")
+        if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
+            raise SurgDinoError(f"{where} has score {score!r}; every detection needs a finite numeric score "
+                                "(NaN or infinite scores cannot be ranked)")
         if "bbox" in iou_types:
             b = r.get("bbox")
             if not (isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)):
                 raise SurgDinoError(f"{where} needs bbox [x, y, w, h] (4 numbers) for bbox evaluation; "
                                     "or pass --iou-type segm")
+            if not all(math.isfinite(v) for v in b) or b[2] < 0 or b[3] < 0:
+                raise SurgDinoError(f"{where} has bbox {b}; it must be 4 finite numbers [x, y, w, h] with "
+                                    "w, h >= 0 (is it [x1, y1, x2, y2]?)")
         if "segm" in iou_types:
             s = r.get("segmentation")
             if not (isinstance(s, dict) and "counts" in s and isinstance(s.get("size"), list)):
@@ -216,6 +224,9 @@ def validate_results(results: Any, gt: dict[str, Any], iou_types: Sequence[str],
                 raise SurgDinoError(f"{where}: segmentation size {s['size']} differs from image {r['image_id']}'s "
                                     f"[height, width] = {[img['height'], img['width']]}; encode masks at the "
                                     "original image size")
+            problem = rle_problem(s, img["height"], img["width"])  # malformed counts hang pycocotools
+            if problem:
+                raise SurgDinoError(f"{where}: {problem}")
 
 
 def _coco_api(use_fast_eval: bool) -> tuple[type, type]:
@@ -354,7 +365,7 @@ def format_metrics(metrics: dict[str, Any], columns: int = 3) -> str:
     if not types:
         return "(no metrics)"
     names = list(metrics[types[0]])
-    lines = [f"{'metric':<8}" + "".join(f"{t:>10}" for t in types)]
+    lines = [f"{'AP (%)':<8}" + "".join(f"{t:>10}" for t in types)]  # AP and AR rows, both in percent
     lines += [f"{n:<8}" + "".join(f"{_fmt(metrics[t].get(n)):>10}" for t in types) for n in names]
     per_class = metrics.get("per_class") or {}
     for t in types:
@@ -362,16 +373,21 @@ def format_metrics(metrics: dict[str, Any], columns: int = 3) -> str:
         if not items:
             continue
         width = max(12, *(len(n) for n, _ in items))
-        lines.append(f"Per-class {t} AP:")
+        lines.append(f"Per-class {t} AP (%):")
         for i in range(0, len(items), columns):
             lines.append("  ".join(f"{n:<{width}} {_fmt(v):>7}" for n, v in items[i:i + columns]))
     return "\n".join(lines)
 
 
-def metrics_to_json(metrics: dict[str, Any]) -> Any:
-    """The metrics with NaN as ``null`` (strict JSON)."""
+UNITS = ("percent: AP and AR are 0-100 (COCOeval's 0-1 values x 100); "
+         "null = undefined (no ground truth in that range or class)")
+
+
+def metrics_to_json(metrics: dict[str, Any], with_units: bool = False) -> Any:
+    """The metrics with NaN as ``null`` (strict JSON); ``with_units`` adds a top-level ``"units"`` note."""
     if isinstance(metrics, dict):
-        return {k: metrics_to_json(v) for k, v in metrics.items()}
+        out = {k: metrics_to_json(v) for k, v in metrics.items()}
+        return {"units": UNITS, **out} if with_units else out
     if isinstance(metrics, float) and math.isnan(metrics):
         return None
     return metrics

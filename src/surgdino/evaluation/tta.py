@@ -31,17 +31,10 @@ import torch
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
+from surgdino.data.transforms import shortest_edge_size
 from surgdino.errors import SurgDinoError
 
 SCORE_MERGES = ("vote", "max", "mean")
-
-
-def shortest_edge_size(h: int, w: int, min_size: int, max_size: int) -> tuple[int, int]:
-    """(new_h, new_w) with the shortest edge ``min_size`` and the longest at most ``max_size``."""
-    scale = min_size / min(h, w)
-    if max(h, w) * scale > max_size:
-        scale = max_size / max(h, w)
-    return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
 
 
 def hflip_instances(result: dict[str, torch.Tensor], width: int) -> dict[str, torch.Tensor]:
