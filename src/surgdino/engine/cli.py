@@ -56,6 +56,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", help="an image, a folder of images, or a glob pattern (quoted); required")
     p.add_argument("--output", help="folder for the drawings and coco_results.json; required")
     p.add_argument("--score-threshold", type=float, default=0.5, help="draw and keep instances scoring at least this")
+    p.add_argument("--annotations", metavar="JSON", help="COCO json the images belong to: keep its image ids, "
+                   "so coco_results.json can be scored with `surgdino evaluate`")
+    p.add_argument("--image-root", metavar="DIR", help="folder the json's file_name are relative to (with --annotations)")
+    p.add_argument("--dataset", metavar="NAME", help="like --annotations, for a dataset declared in the config")
     add_config_arguments(p)
     p.set_defaults(func=lambda a: _predict(p, a))
 
@@ -111,7 +115,7 @@ def train_main(cfg: Any, resume: bool = False, eval_only: bool = False) -> dict[
 
 def _predict(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from surgdino.config import load_config
-    from surgdino.engine.predictor import Predictor, list_images, predict_files
+    from surgdino.engine.predictor import Predictor, dataset_image_ids, list_images, predict_files
 
     _pull_options(parser, args)
     missing = [f for f in ("input", "output") if not getattr(args, f)]
@@ -120,7 +124,8 @@ def _predict(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     cfg = load_config(args.config_file, args.opts)
     paths = list_images(args.input)
     predictor = Predictor(cfg)
-    out = predict_files(predictor, paths, args.output, score_threshold=args.score_threshold)
+    out = predict_files(predictor, paths, args.output, score_threshold=args.score_threshold,
+                        image_ids=dataset_image_ids(cfg, args, paths, predictor))
     print(f"{len(out['images'])} drawings and {os.path.basename(out['results'])} "
           f"({out['num_instances']} instances) in {os.path.abspath(args.output)}")
     return 0

@@ -56,6 +56,8 @@ d("TEST.BEST_MODE", "max", "str", "Whether a higher or lower BEST_METRIC is bett
 d("TEST.DETECTIONS_PER_IMAGE", 100, "int", "Maximum detections kept per image (top-k over query×class pairs); dense trays want 300.")
 d("TEST.SCORE_THRESHOLD", 0.0, "float", "Drop detections scoring below this.")
 d("TEST.ONE_LABEL_PER_QUERY", False, "bool", "Keep only each query's best class (no duplicate masks with other labels).")
+d("TEST.KEEP_EMPTY_MASKS", False, "bool",
+  "Keep detections whose mask is empty (score 0 by construction); by default they are dropped from results and drawings.")
 d("TEST.MAX_DETS", [1, 10, 100], "list[int]", "maxDets of COCO evaluation (the last one gives AP); dense trays want [1, 10, 300].")
 d("TEST.AUG.ENABLED", False, "bool", "Test-time augmentation for instance segmentation: several scales and flips, merged.")
 d("TEST.AUG.MIN_SIZES", [400, 500, 600, 700, 800, 900, 1000, 1100, 1200], "list[int]", "Shortest-edge sizes of test-time augmentation.")

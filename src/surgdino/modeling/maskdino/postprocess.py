@@ -15,21 +15,26 @@ class InstancePostProcessor:
     drop detections scoring below it. ``one_label_per_query``: each query keeps only its best class.
     ``overlap_threshold``: a detection whose mask IoU with a higher-scored detection is >= this is dropped
     (class-agnostic; 1.0 turns it off). Score = class probability × mean mask probability inside the mask.
+    ``keep_empty_masks``: detections whose mask has no pixel (score 0 by construction) are dropped
+    unless this is True (``TEST.KEEP_EMPTY_MASKS``), so results and drawings hold only real detections.
     """
 
     def __init__(self, *, detections_per_image: int = 100, score_threshold: float = 0.0,
-                 one_label_per_query: bool = False, overlap_threshold: float = 0.8, chunk: int = 64):
+                 one_label_per_query: bool = False, overlap_threshold: float = 0.8, chunk: int = 64,
+                 keep_empty_masks: bool = False):
         self.k = detections_per_image
         self.score_threshold = score_threshold
         self.one_label_per_query = one_label_per_query
         self.overlap_threshold = overlap_threshold
         self.chunk = chunk
+        self.keep_empty_masks = keep_empty_masks
 
     @classmethod
     def from_config(cls, cfg) -> dict:
         return dict(detections_per_image=cfg.TEST.DETECTIONS_PER_IMAGE, score_threshold=cfg.TEST.SCORE_THRESHOLD,
                     one_label_per_query=cfg.TEST.ONE_LABEL_PER_QUERY,
-                    overlap_threshold=cfg.MODEL.MaskDINO.TEST.OVERLAP_THRESHOLD)
+                    overlap_threshold=cfg.MODEL.MaskDINO.TEST.OVERLAP_THRESHOLD,
+                    keep_empty_masks=cfg.TEST.KEEP_EMPTY_MASKS)
 
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, boxes: torch.Tensor, embeds: torch.Tensor, mask_features: torch.Tensor,
@@ -70,6 +75,8 @@ class InstancePostProcessor:
         scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=logits.device)
         out_boxes = box_cxcywh_to_xyxy(boxes[qidx].float()) * scale
         keep = scores >= self.score_threshold
+        if not self.keep_empty_masks:
+            keep &= masks_u.flatten(1).any(1)[inv]  # an empty mask is no detection
         if self.overlap_threshold < 1.0 and keep.any():
             keep &= self._not_overlapping(masks_u, inv, scores, keep)
         return {"boxes": out_boxes[keep], "masks": masks[keep], "scores": scores[keep], "labels": labels[keep]}
