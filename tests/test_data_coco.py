@@ -335,3 +335,31 @@ def test_synthetic_generated_once_on_first_use(tmp_path, monkeypatch):
             DatasetCatalog.get("synthetic_trays_train")
     finally:
         DatasetCatalog.clear()
+
+
+def _surgdino_imports(path: str) -> set[str]:
+    """Every ``surgdino.*`` module a source file imports, at module level or inside functions."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("surgdino"):
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            names |= {a.name for a in node.names if a.name.startswith("surgdino")}
+    return names
+
+
+def test_data_and_evaluation_import_one_way():
+    """data ← evaluation ← engine: no data module imports evaluation or engine, evaluation never imports
+    engine, and COCO loading knows nothing of the catalog (the catalog loads through it)."""
+    import surgdino
+
+    pkg = os.path.dirname(surgdino.__file__)
+    for sub, banned in (("data", ("surgdino.evaluation", "surgdino.engine")), ("evaluation", ("surgdino.engine",))):
+        for name in sorted(os.listdir(os.path.join(pkg, sub))):
+            if name.endswith(".py") and name != "cli.py":  # command modules sit above everything
+                bad = sorted(m for m in _surgdino_imports(os.path.join(pkg, sub, name)) if m.startswith(banned))
+                assert not bad, f"{sub}/{name} imports {bad}"
+    coco = _surgdino_imports(os.path.join(pkg, "data", "coco.py"))
+    assert not any(m.startswith("surgdino.data.catalog") for m in coco), sorted(coco)
