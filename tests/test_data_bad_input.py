@@ -278,3 +278,13 @@ def test_worker_errors_read_like_in_process_errors(tmp_path):
         messages.append(str(e.value))
     assert messages[0] == messages[1] and "b.png: image file not found" in messages[1]
     assert "\n" not in messages[1] and "Traceback" not in messages[1]
+
+
+def test_deeply_nested_json_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "deep.json").write_text("[" * 100000 + "]" * 100000)
+    assert main(["data", "check", "--annotations", str(tmp_path / "deep.json"), "--image-root", str(tmp_path)]) == 2
+    assert "nested too deeply" in capsys.readouterr().err
+    gt = make_dataset(str(tmp_path))
+    assert main(["evaluate", "--annotations", gt, "--results", str(tmp_path / "deep.json")]) == 2
+    err = capsys.readouterr().err
+    assert "nested too deeply" in err and len(err.strip().splitlines()) == 1

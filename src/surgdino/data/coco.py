@@ -93,6 +93,9 @@ def read_coco_json(json_file: str) -> dict[str, Any]:
                         "fix the file (is it truncated?)") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{json_file}: not UTF-8 text ({e.reason}); is this really a COCO json?") from None
+    except RecursionError:
+        raise DataError(f"{json_file}: nested too deeply to parse; a COCO json is a few levels deep, "
+                        "is this really one?") from None
     if not isinstance(data, dict):
         raise DataError(f"{json_file}: top level must be a JSON object with images, annotations and categories, "
                         f"got {type(data).__name__}")

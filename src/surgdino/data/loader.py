@@ -71,15 +71,20 @@ class MappedDataset(Dataset):
             return _UserError(e)
 
 
+def _raise_user_errors(batches: Iterator[Any]) -> Iterator[Any]:
+    for batch in batches:
+        for item in batch if isinstance(batch, list) else ():
+            if isinstance(item, _UserError):
+                item.reraise()
+        yield batch
+
+
 class Loader(DataLoader):
     """A ``DataLoader`` that raises user errors of its workers (bad image, bad mask) as the one-line error."""
 
     def __iter__(self) -> Iterator[Any]:
-        for batch in super().__iter__():
-            for item in batch if isinstance(batch, list) else ():
-                if isinstance(item, _UserError):
-                    item.reraise()
-            yield batch
+        # the base iterator is made now, as DataLoader does (its workers' seed is drawn from torch's RNG here)
+        return _raise_user_errors(super().__iter__())
 
 
 class TrainBatchSampler(Sampler[list[tuple[int, int]]]):

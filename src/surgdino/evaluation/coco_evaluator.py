@@ -67,6 +67,8 @@ def _read_json(path: str, what: str, flag: str) -> Any:
                             f"fix the {what} file (is it truncated?)") from None
     except UnicodeDecodeError as e:
         raise SurgDinoError(f"{path}: not UTF-8 text ({e.reason}); is this really a COCO {what} file?") from None
+    except RecursionError:
+        raise SurgDinoError(f"{path}: nested too deeply to parse; is this really a COCO {what} file?") from None
 
 
 def load_ground_truth(json_file: str) -> dict[str, Any]:
