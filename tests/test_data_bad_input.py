@@ -288,3 +288,13 @@ def test_deeply_nested_json_is_a_clear_error(tmp_path, capsys):
     assert main(["evaluate", "--annotations", gt, "--results", str(tmp_path / "deep.json")]) == 2
     err = capsys.readouterr().err
     assert "nested too deeply" in err and len(err.strip().splitlines()) == 1
+
+
+def test_mapper_refuses_malformed_rle_of_python_registered_records(tmp_path):
+    """Records built in Python skip load_coco_json; the mapper still never decodes a malformed RLE."""
+    make_dataset(str(tmp_path))
+    record = {"file_name": str(tmp_path / "a.png"), "height": H, "width": W, "image_id": 1,
+              "annotations": [{"id": 5, "category_id": 0, "iscrowd": 0, "bbox": [0, 0, 4, 4],
+                               "segmentation": {"size": [H, W], "counts": "P1"}}]}
+    with pytest.raises(DataError, match="annotation 5: segmentation RLE runs sum to 32"):
+        DatasetMapper(is_train=True, augmentations=[])(record)

@@ -17,6 +17,7 @@ from torchvision.transforms import v2
 
 from surgdino.data import imageio
 from surgdino.data.coco import decode_segmentation
+from surgdino.data.rle import rle_problem
 from surgdino.data.transforms import (
     LargeScaleJitter,
     RandomCrop,
@@ -50,6 +51,9 @@ def annotations_to_targets(record: dict[str, Any], height: int, width: int) -> t
         if isinstance(segm, dict) and [int(s) for s in segm.get("size", [])] != [height, width]:
             raise DataError(f"{record.get('file_name')}: annotation {anno.get('id', i)} has an RLE of size "
                             f"{segm.get('size')}, but the image is {height}x{width}; fix 'segmentation.size'")
+        problem = rle_problem(segm, height, width) if isinstance(segm, dict) else None
+        if problem:  # records registered from Python skip load_coco_json's checks; decoding would read garbage
+            raise DataError(f"{record.get('file_name')}: annotation {anno.get('id', i)}: {problem}")
         masks[i] = decode_segmentation(segm, height, width)
     classes = torch.tensor([int(a["category_id"]) for a in annos], dtype=torch.int64)
     return torch.from_numpy(masks), classes

@@ -33,8 +33,8 @@ def compressed_counts(counts: str | bytes) -> np.ndarray:
         raise ValueError("has a count longer than any image needs")
     pos = np.arange(len(c)) - np.repeat(starts, lengths)  # index of each group within its count
     x = np.add.reduceat((c & 0x1F) << (5 * pos), starts)  # [M]
-    negative = (c[ends] & 0x10) != 0
-    x = np.where(negative, x - (np.int64(1) << (5 * lengths)), x)  # sign-extend
+    negative = np.flatnonzero(c[ends] & 0x10)
+    x[negative] -= np.int64(1) << (5 * lengths[negative])  # sign-extend
     counts_out = x.copy()
     # counts[m] = x[m] + counts[m-2] for m > 2: running sums over even (from 2) and odd (from 1) positions
     if len(x) > 3:
