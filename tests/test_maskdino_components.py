@@ -158,9 +158,10 @@ def test_postprocess_topk_threshold_overlap_and_original_size():
     assert out["labels"].tolist() == [0, 1] and len(out["scores"]) == 2
     assert torch.allclose(out["boxes"][0], torch.tensor([0.0, 0.0, 48.0, 32.0]))
     assert out["masks"][0, :28, :44].all() and not out["masks"][0, 36:].any()
-    off = InstancePostProcessor(detections_per_image=5, overlap_threshold=1.0)
+    off = InstancePostProcessor(detections_per_image=5, overlap_threshold=1.0, keep_empty_masks=True)
     assert len(off(logits, boxes, emb, feats, (32, 48), (64, 64), (64, 96))["scores"]) == 5
-    one = InstancePostProcessor(detections_per_image=300, overlap_threshold=1.0, one_label_per_query=True)
+    one = InstancePostProcessor(detections_per_image=300, overlap_threshold=1.0, one_label_per_query=True,
+                                keep_empty_masks=True)  # query 3's mask is empty
     assert len(one(logits, boxes, emb, feats, (32, 48), (64, 64), (64, 96))["scores"]) == 4
 
 
