@@ -60,8 +60,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "so coco_results.json can be scored with `surgdino evaluate`")
     p.add_argument("--image-root", metavar="DIR", help="folder the json's file_name are relative to (with --annotations)")
     p.add_argument("--dataset", metavar="NAME", help="like --annotations, for a dataset declared in the config")
+    p.add_argument("--onnx", metavar="FILE", help="run this `surgdino export` file with onnxruntime (no config file)")
     add_config_arguments(p)
     p.set_defaults(func=lambda a: _predict(p, a))
+
+    from surgdino.deploy.cli import register_export
+
+    e = register_export(sub, add_config_arguments)
+    e.set_defaults(func=lambda a: _export(e, a))
 
     d = sub.add_parser("demo", help="synthetic trays → train a small DI-MaskDINO on CPU → evaluate → draw",
                        description="The end-to-end example: no arguments needed.")
@@ -121,6 +127,10 @@ def _predict(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     missing = [f for f in ("input", "output") if not getattr(args, f)]
     if missing:
         parser.error(f"the following arguments are required: {', '.join('--' + m for m in missing)}")
+    if args.onnx:
+        from surgdino.deploy.cli import predict_onnx
+
+        return predict_onnx(args)
     cfg = load_config(args.config_file, args.opts)
     paths = list_images(args.input)
     predictor = Predictor(cfg)
@@ -129,6 +139,13 @@ def _predict(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     print(f"{len(out['images'])} drawings and {os.path.basename(out['results'])} "
           f"({out['num_instances']} instances) in {os.path.abspath(args.output)}")
     return 0
+
+
+def _export(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from surgdino.deploy.cli import run_export
+
+    _pull_options(parser, args)
+    return run_export(parser, args)
 
 
 def _demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

@@ -1,0 +1,187 @@
+"""``surgdino export``: a MaskDINO / DI-MaskDINO checkpoint → an ONNX file that checks itself.
+
+The graph is ``ExportModule`` (uint8 images + padding mask → raw head outputs, opset 18); the
+checkpoint's EMA weights are used when it has them (``load_weights`` prefers them); preprocessing,
+post-processing settings, class names and the config go into the metadata (``deploy.metadata``).
+Before the file is written under its name, onnxruntime runs it on a sample (two sizes with
+``dynamic``) and its raw outputs and final detections are compared with PyTorch's.
+
+Exporters: with ``dynamic``, ``torch.onnx.export(dynamo=True)`` (torch.export + onnxscript, offline),
+which keeps batch, height and width symbolic. The TorchScript exporter (``dynamo=False``) bakes every
+shape-derived Python int into the graph (measured: a graph traced at 64x96 is wrong at 96x64 and fails
+at 128x128), so it serves fixed-size exports only (batch 1), where it is exact and much faster to export.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from typing import Any
+
+import numpy as np
+import torch
+
+from surgdino.config import Config
+from surgdino.deploy import metadata
+from surgdino.deploy.graph import ExportModule
+from surgdino.errors import SurgDinoError
+from surgdino.log import get_logger
+
+logger = get_logger(__name__)
+
+OPSET = 18
+RAW_ATOL = 1e-4  # raw outputs: |onnx - torch| <= RAW_ATOL * max(1, |torch|max) per output
+
+
+def settings(cfg: Config, model: torch.nn.Module, *, height: int | None = None, width: int | None = None,
+             dynamic: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(preprocess, postprocess)`` settings of ``cfg`` as the metadata stores them (the PyTorch
+    predictor uses the same, so both paths preprocess and post-process alike)."""
+    from surgdino.modeling.maskdino.postprocess import InstancePostProcessor
+
+    post = dict(InstancePostProcessor.from_config(cfg))  # the keyword arguments InstancePostProcessor takes
+    pre = {"min_size": int(cfg.INPUT.MIN_SIZE_TEST), "max_size": int(cfg.INPUT.MAX_SIZE_TEST),
+           "format": cfg.INPUT.FORMAT, "size_divisibility": int(model.size_divisibility),
+           "height": None if dynamic else height, "width": None if dynamic else width,
+           "pixel_mean": list(cfg.MODEL.PIXEL_MEAN), "pixel_std": list(cfg.MODEL.PIXEL_STD)}
+    return pre, post
+
+
+def default_size(cfg: Config, divisibility: int) -> int:
+    """A square side that holds every test-resized image: the longest side rounded up to ``divisibility``."""
+    side = max(int(cfg.INPUT.MAX_SIZE_TEST), int(cfg.INPUT.MIN_SIZE_TEST), divisibility)
+    return -(-side // divisibility) * divisibility
+
+
+def _sample(height: int, width: int, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A uint8 image batch ``[B, 3, H, W]`` (smooth pattern + noise) and a pad mask with the last image
+    padded by a quarter at the bottom and an eighth at the right."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, height), torch.linspace(0, 1, width), indexing="ij")
+    base = torch.stack([yy, xx, (yy + xx) / 2]) * 180  # [3, H, W]
+    images = (base[None] + 60 * torch.rand(batch, 3, height, width, generator=g)).clamp(0, 255).to(torch.uint8)
+    pad = torch.zeros(batch, height, width, dtype=torch.bool)
+    pad[-1, height - height // 4:] = True
+    pad[-1, :, width - width // 8:] = True
+    return images, pad
+
+
+def _failing_part(e: BaseException) -> str:
+    """``file:line (function)`` of the deepest frame of the error inside the surgdino model code."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if f"{os.sep}surgdino{os.sep}" in f.filename
+              and f"{os.sep}deploy{os.sep}" not in f.filename]
+    if not frames:
+        return "the model"
+    f = frames[-1]
+    rel = f.filename.split(f"{os.sep}surgdino{os.sep}", 1)[-1]
+    return f"surgdino/{rel}:{f.lineno} ({f.name})"
+
+
+def _export(module: ExportModule, sample: tuple[torch.Tensor, torch.Tensor], path: str, dynamic: bool) -> None:
+    """torch.export (dynamo) for a dynamic graph; the TorchScript tracer for a fixed size (several times
+    faster to export, and exact at the size it was traced at: only shape-derived ints are baked in)."""
+    import warnings
+
+    from surgdino.modeling.maskdino.model import RAW_OUTPUTS
+
+    names = dict(input_names=list(metadata.INPUTS), output_names=list(RAW_OUTPUTS), opset_version=OPSET)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            if not dynamic:
+                torch.onnx.export(module, sample, path, dynamo=False, **names)
+                return
+            div = int(module.model.size_divisibility)
+            b = torch.export.Dim("batch", min=1, max=1024)
+            h = torch.export.Dim("height_blocks", min=1, max=8192 // div) * div
+            w = torch.export.Dim("width_blocks", min=1, max=8192 // div) * div
+            shapes = {"images": {0: b, 2: h, 3: w}, "pad_mask": {0: b, 1: h, 2: w}}
+            program = torch.onnx.export(module, sample, None, dynamo=True, dynamic_shapes=shapes, optimize=True,
+                                        verbose=False, **names)
+    except Exception as e:  # the exporter's errors are long; the user needs the part and the reason
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise SurgDinoError(f"export failed in {_failing_part(e)}: {type(e).__name__}: {first} "
+                            "(run with --debug for the full trace)") from e
+    program.save(path)
+
+
+def _compare(module: ExportModule, session: Any, sample: tuple[torch.Tensor, torch.Tensor],
+             post: dict[str, Any]) -> dict[str, float]:
+    """Worst raw-output difference and detection agreement of onnxruntime vs PyTorch on ``sample``."""
+    from surgdino.deploy.postprocess import match_detections, postprocess
+    from surgdino.modeling.maskdino.model import RAW_OUTPUTS
+
+    images, pad = sample
+    with torch.no_grad():
+        want = dict(zip(RAW_OUTPUTS, module(images, pad)))
+    got = dict(zip(RAW_OUTPUTS, session.run(None, {"images": images.numpy(), "pad_mask": pad.numpy()})))
+    rel = max(float(np.abs(got[k] - want[k].numpy()).max()) / max(1.0, float(want[k].abs().max()))
+              for k in RAW_OUTPUTS)
+    sizes = [((~p[:, 0]).sum().item(), (~p[0, :]).sum().item()) for p in pad]
+    out_sizes = [(2 * h, 2 * w) for h, w in sizes]  # results at another size than the input, as with real images
+    a = postprocess(got, sizes, out_sizes, post)
+    b = postprocess(want, sizes, out_sizes, post)
+    report = match_detections(a, b)
+    report["raw_rel_diff"] = rel
+    return report
+
+
+def export_onnx(cfg: Config, output: str, *, height: int | None = None, width: int | None = None,
+                dynamic: bool = False, verify: bool = True) -> dict[str, Any]:
+    """Export ``cfg``'s model with ``MODEL.WEIGHTS`` (EMA weights if the checkpoint has them) to ``output``.
+
+    Fixed input ``height`` × ``width`` (multiples of the size divisibility; default: the test size
+    rounded up), or any size and batch with ``dynamic`` (height/width then only size the sample).
+    Returns the comparison report; raises ``SurgDinoError`` if onnxruntime disagrees with PyTorch."""
+    import onnx
+    import onnxruntime as ort
+
+    from surgdino import __version__
+    from surgdino.engine.predictor import Predictor as TorchPredictor
+
+    if os.path.isdir(output):
+        raise SurgDinoError(f"--output {output} is a folder; give the ONNX file to write, e.g. {output}/model.onnx")
+    cfg = cfg.merge({"MODEL.DEVICE": "cpu"})
+    torch_predictor = TorchPredictor(cfg)
+    module = ExportModule(torch_predictor.model).eval()
+    div = max(1, int(torch_predictor.model.size_divisibility))
+    side = default_size(cfg, div)
+    height, width = height or side, width or side
+    for name, v in (("--height", height), ("--width", width)):
+        if v <= 0 or v % div:
+            raise SurgDinoError(f"{name} {v}: must be a positive multiple of {div} (the model's size divisibility)")
+    pre, post = settings(cfg, torch_predictor.model, height=height, width=width, dynamic=dynamic)
+    props = metadata.build(preprocess=pre, postprocess=post, class_names=torch_predictor.thing_classes,
+                           config_yaml=cfg.dump(), dataset_ids=torch_predictor.contiguous_to_dataset_id,
+                           weights=os.path.abspath(cfg.MODEL.WEIGHTS), version=__version__)
+    sample = _sample(height, width, 2 if dynamic else 1, seed=0)
+    tmp = output + ".partial"
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    try:
+        _export(module, sample, tmp, dynamic)
+        proto = onnx.load(tmp)
+        proto.doc_string = metadata.GRAPH_DOC
+        del proto.metadata_props[:]
+        for k, v in props.items():
+            proto.metadata_props.add(key=k, value=v)
+        onnx.save(proto, tmp)
+        report: dict[str, Any] = {"opset": OPSET, "dynamic": dynamic, "size": (height, width)}
+        if verify:
+            session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+            checks = [sample]
+            if dynamic:  # a second size, other batch: the axes are really dynamic
+                h2, w2 = max(div, height - div), width + div
+                checks.append(_sample(h2, w2, 1, seed=1))
+            for i, s in enumerate(checks):
+                r = _compare(module, session, s, post)
+                report[f"check{i}"] = {"size": tuple(s[0].shape), **r}
+                bad = r["raw_rel_diff"] > RAW_ATOL or not r["same"]
+                if bad:
+                    raise SurgDinoError(f"export check failed: onnxruntime differs from PyTorch on a sample of "
+                                        f"{tuple(s[0].shape)} ({r}); the file was not written")
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    logger.info("exported %s: %s", output, report)
+    return report
