@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "m.onnx")
-            _export(module, (images, pad), path, dynamic=False)
+            _export(module, (images, pad), path)
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = a.threads
             sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])

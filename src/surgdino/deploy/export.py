@@ -3,13 +3,16 @@
 The graph is ``ExportModule`` (uint8 images + padding mask → raw head outputs, opset 18); the
 checkpoint's EMA weights are used when it has them (``load_weights`` prefers them); preprocessing,
 post-processing settings, class names and the config go into the metadata (``deploy.metadata``).
-Before the file is written under its name, onnxruntime runs it on a sample (two sizes with
-``dynamic``) and its raw outputs and final detections are compared with PyTorch's.
+Before the file is written under its name, onnxruntime runs it on two samples (the full input, and a
+smaller image padded to it) and its raw outputs and final detections are compared with PyTorch's.
 
-Exporters: with ``dynamic``, ``torch.onnx.export(dynamo=True)`` (torch.export + onnxscript, offline),
-which keeps batch, height and width symbolic. The TorchScript exporter (``dynamo=False``) bakes every
-shape-derived Python int into the graph (measured: a graph traced at 64x96 is wrong at 96x64 and fails
-at 128x128), so it serves fixed-size exports only (batch 1), where it is exact and much faster to export.
+Exporter: the TorchScript one (``torch.onnx.export(dynamo=False)``), at a fixed input size and batch 1;
+smaller images are padded to it (``pad_mask``), so one file serves every image the test resize gives.
+Dynamic height/width is refused (``DYNAMIC_BLOCKER``): measured with torch 2.14, both exporters bake
+the feature-level sizes into the graph — the TorchScript tracer through shape-derived Python ints, and
+torch.export (``dynamo=True``, 19 min for the tiny demo model on the loaded 2-core machine) through
+``spatial_shapes.tolist()`` in the deformable attention — so the graph is wrong (or fails) at any size
+but the one exported.
 """
 
 from __future__ import annotations
@@ -30,19 +33,23 @@ from surgdino.log import get_logger
 logger = get_logger(__name__)
 
 OPSET = 18
+DYNAMIC_BLOCKER = ("--dynamic: dynamic height/width cannot be exported yet: the deformable attention "
+                   "(surgdino/modeling/layers/ms_deform_attn.py) turns the level sizes into Python ints "
+                   "(spatial_shapes.tolist()), so both exporters bake them into the graph and it is wrong at any "
+                   "other size; export a fixed --height/--width instead (smaller images are padded to it)")
 RAW_ATOL = 1e-4  # raw outputs: |onnx - torch| <= RAW_ATOL * max(1, |torch|max) per output
 
 
-def settings(cfg: Config, model: torch.nn.Module, *, height: int | None = None, width: int | None = None,
-             dynamic: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+def settings(cfg: Config, model: torch.nn.Module, *, height: int | None = None, width: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(preprocess, postprocess)`` settings of ``cfg`` as the metadata stores them (the PyTorch
-    predictor uses the same, so both paths preprocess and post-process alike)."""
+    predictor uses the same, so both paths preprocess and post-process alike). ``height``/``width``:
+    the fixed input every image is padded to (None: padded to the size divisibility only)."""
     from surgdino.modeling.maskdino.postprocess import InstancePostProcessor
 
     post = dict(InstancePostProcessor.from_config(cfg))  # the keyword arguments InstancePostProcessor takes
     pre = {"min_size": int(cfg.INPUT.MIN_SIZE_TEST), "max_size": int(cfg.INPUT.MAX_SIZE_TEST),
            "format": cfg.INPUT.FORMAT, "size_divisibility": int(model.size_divisibility),
-           "height": None if dynamic else height, "width": None if dynamic else width,
+           "height": height, "width": width,
            "pixel_mean": list(cfg.MODEL.PIXEL_MEAN), "pixel_std": list(cfg.MODEL.PIXEL_STD)}
     return pre, post
 
@@ -77,32 +84,21 @@ def _failing_part(e: BaseException) -> str:
     return f"surgdino/{rel}:{f.lineno} ({f.name})"
 
 
-def _export(module: ExportModule, sample: tuple[torch.Tensor, torch.Tensor], path: str, dynamic: bool) -> None:
-    """torch.export (dynamo) for a dynamic graph; the TorchScript tracer for a fixed size (several times
-    faster to export, and exact at the size it was traced at: only shape-derived ints are baked in)."""
+def _export(module: ExportModule, sample: tuple[torch.Tensor, torch.Tensor], path: str) -> None:
+    """The TorchScript exporter at the sample's fixed size (batch 1)."""
     import warnings
 
     from surgdino.modeling.maskdino.model import RAW_OUTPUTS
 
-    names = dict(input_names=list(metadata.INPUTS), output_names=list(RAW_OUTPUTS), opset_version=OPSET)
     try:
         with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            if not dynamic:
-                torch.onnx.export(module, sample, path, dynamo=False, **names)
-                return
-            div = int(module.model.size_divisibility)
-            b = torch.export.Dim("batch", min=1, max=1024)
-            h = torch.export.Dim("height_blocks", min=1, max=8192 // div) * div
-            w = torch.export.Dim("width_blocks", min=1, max=8192 // div) * div
-            shapes = {"images": {0: b, 2: h, 3: w}, "pad_mask": {0: b, 1: h, 2: w}}
-            program = torch.onnx.export(module, sample, None, dynamo=True, dynamic_shapes=shapes, optimize=True,
-                                        verbose=False, **names)
+            warnings.simplefilter("ignore")  # shape-derived Python ints are constants of a fixed-size graph
+            torch.onnx.export(module, sample, path, dynamo=False, opset_version=OPSET,
+                              input_names=list(metadata.INPUTS), output_names=list(RAW_OUTPUTS))
     except Exception as e:  # the exporter's errors are long; the user needs the part and the reason
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise SurgDinoError(f"export failed in {_failing_part(e)}: {type(e).__name__}: {first} "
                             "(run with --debug for the full trace)") from e
-    program.save(path)
 
 
 def _compare(module: ExportModule, session: Any, sample: tuple[torch.Tensor, torch.Tensor],
@@ -130,15 +126,17 @@ def export_onnx(cfg: Config, output: str, *, height: int | None = None, width: i
                 dynamic: bool = False, verify: bool = True) -> dict[str, Any]:
     """Export ``cfg``'s model with ``MODEL.WEIGHTS`` (EMA weights if the checkpoint has them) to ``output``.
 
-    Fixed input ``height`` × ``width`` (multiples of the size divisibility; default: the test size
-    rounded up), or any size and batch with ``dynamic`` (height/width then only size the sample).
-    Returns the comparison report; raises ``SurgDinoError`` if onnxruntime disagrees with PyTorch."""
+    Fixed input ``height`` × ``width`` (multiples of the size divisibility; default: the longest test
+    side rounded up, square); ``dynamic`` is refused with the reason (``DYNAMIC_BLOCKER``). Returns the
+    comparison report; raises ``SurgDinoError`` if onnxruntime disagrees with PyTorch."""
     import onnx
     import onnxruntime as ort
 
     from surgdino import __version__
     from surgdino.engine.predictor import Predictor as TorchPredictor
 
+    if dynamic:
+        raise SurgDinoError(DYNAMIC_BLOCKER)
     if os.path.isdir(output):
         raise SurgDinoError(f"--output {output} is a folder; give the ONNX file to write, e.g. {output}/model.onnx")
     cfg = cfg.merge({"MODEL.DEVICE": "cpu"})
@@ -150,28 +148,28 @@ def export_onnx(cfg: Config, output: str, *, height: int | None = None, width: i
     for name, v in (("--height", height), ("--width", width)):
         if v <= 0 or v % div:
             raise SurgDinoError(f"{name} {v}: must be a positive multiple of {div} (the model's size divisibility)")
-    pre, post = settings(cfg, torch_predictor.model, height=height, width=width, dynamic=dynamic)
+    pre, post = settings(cfg, torch_predictor.model, height=height, width=width)
     props = metadata.build(preprocess=pre, postprocess=post, class_names=torch_predictor.thing_classes,
                            config_yaml=cfg.dump(), dataset_ids=torch_predictor.contiguous_to_dataset_id,
                            weights=os.path.abspath(cfg.MODEL.WEIGHTS), version=__version__)
-    sample = _sample(height, width, 2 if dynamic else 1, seed=0)
+    sample = _sample(height, width, 1, seed=0)
     tmp = output + ".partial"
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     try:
-        _export(module, sample, tmp, dynamic)
+        _export(module, sample, tmp)
         proto = onnx.load(tmp)
         proto.doc_string = metadata.GRAPH_DOC
         del proto.metadata_props[:]
         for k, v in props.items():
             proto.metadata_props.add(key=k, value=v)
         onnx.save(proto, tmp)
-        report: dict[str, Any] = {"opset": OPSET, "dynamic": dynamic, "size": (height, width)}
+        report: dict[str, Any] = {"opset": OPSET, "size": (height, width)}
         if verify:
             session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
-            checks = [sample]
-            if dynamic:  # a second size, other batch: the axes are really dynamic
-                h2, w2 = max(div, height - div), width + div
-                checks.append(_sample(h2, w2, 1, seed=1))
+            other = _sample(height, width, 1, seed=1)
+            other[1][:] = True
+            other[1][:, :max(div, height // 2), :max(div, width // 3)] = False  # a small image padded to the input
+            checks = [sample, other]
             for i, s in enumerate(checks):
                 r = _compare(module, session, s, post)
                 report[f"check{i}"] = {"size": tuple(s[0].shape), **r}

@@ -1,8 +1,8 @@
 """What a SurgDINO ONNX file carries besides its graph: ONNX ``metadata_props`` (string → string).
 
 Everything ``Predictor("model.onnx")`` and ``surgdino predict --onnx`` need is here, so no config
-file travels with the model: preprocessing (test resize, channel order, size divisibility, fixed or
-dynamic input size), the post-processor's settings, class names, dataset category ids, and the full
+file travels with the model: preprocessing (test resize, channel order, size divisibility, the fixed
+input size), the post-processor's settings, class names, dataset category ids, and the full
 merged config (YAML) and weights file it came from, for the record.
 """
 

@@ -51,7 +51,7 @@ def prepare(images: Sequence[np.ndarray], pre: dict[str, Any]) -> tuple[torch.Te
     resize = ResizeShortestEdge(pre["min_size"], pre["max_size"])
     tensors, sizes, originals = [], [], []
     for im in images:
-        t = torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)  # [3, H, W] uint8
+        t = torch.from_numpy(np.array(im)).permute(2, 0, 1)  # [3, H, W] uint8 (a copy: PIL arrays are read-only)
         if pre["format"] == "BGR":
             t = t.flip(0)
         originals.append((int(t.shape[1]), int(t.shape[2])))
@@ -63,7 +63,7 @@ def prepare(images: Sequence[np.ndarray], pre: dict[str, Any]) -> tuple[torch.Te
         too_big = [s for s in sizes if s[0] > fixed[0] or s[1] > fixed[1]]
         if too_big:
             raise SurgDinoError(f"an image resized to {too_big[0][0]}x{too_big[0][1]} does not fit the export's fixed "
-                                f"input {fixed[0]}x{fixed[1]}; re-export with --dynamic or a larger --height/--width")
+                                f"input {fixed[0]}x{fixed[1]}; re-export with a larger --height/--width")
         tensors[0] = torch.nn.functional.pad(tensors[0], (0, fixed[1] - sizes[0][1], 0, fixed[0] - sizes[0][0]))
     batch = batch_images(tensors, pre["size_divisibility"])
     return batch.tensors, batch.mask, sizes, originals
@@ -71,18 +71,19 @@ def prepare(images: Sequence[np.ndarray], pre: dict[str, Any]) -> tuple[torch.Te
 
 class Predictor:
     """Instances of images, from ``model`` = an ``.onnx`` file (onnxruntime) or a config file / ``Config``
-    with ``weights`` (PyTorch). ``opts``: ``KEY VALUE`` config overrides (PyTorch path)."""
+    with ``weights`` (PyTorch). ``opts``: ``KEY VALUE`` config overrides and ``size``: pad every image to
+    this fixed (height, width), as a fixed-size export does (PyTorch path; then both give the same results)."""
 
     def __init__(self, model: str | os.PathLike | Any, weights: str | None = None, *, opts: list[str] | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, size: tuple[int, int] | None = None):
         from surgdino.config import Config
 
         if isinstance(model, (str, os.PathLike)) and os.fspath(model).lower().endswith(".onnx"):
             from surgdino.deploy.runtime import OnnxModel
 
-            if weights or opts:
+            if weights or opts or size:
                 raise SurgDinoError("Predictor(model.onnx) takes its config and weights from the file; "
-                                    "drop the weights/opts arguments")
+                                    "drop the weights/opts/size arguments")
             self.backend: Any = OnnxModel(model, threads=threads)
             meta = self.backend.meta
             self.pre, self.post = meta["preprocess"], meta["postprocess"]
@@ -104,7 +105,8 @@ class Predictor:
             tp = TorchPredictor(cfg)
             self.device = tp.device
             self.backend = _TorchBackend(ExportModule(tp.model).eval())
-            self.pre, self.post = settings(cfg, tp.model)
+            self.pre, self.post = settings(cfg, tp.model, height=size[0] if size else None,
+                                           width=size[1] if size else None)
             self.class_names = list(tp.thing_classes)
             self.dataset_ids = dict(tp.contiguous_to_dataset_id or {})  # label → dataset category id
             self.config_yaml = cfg.dump()
