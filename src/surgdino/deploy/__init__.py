@@ -8,7 +8,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {"Predictor": "surgdino.deploy.predictor", "export_onnx": "surgdino.deploy.export",
-            "OnnxModel": "surgdino.deploy.runtime", "postprocess": "surgdino.deploy.postprocess"}
+            "OnnxModel": "surgdino.deploy.runtime"}
 __all__ = list(_EXPORTS)
 
 
