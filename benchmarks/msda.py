@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import resource
+import os
+import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from roofline import peak_memory_mb, reset_peak_memory  # noqa: E402
 
 
 def inputs(size: int, batch: int, queries: int | None, device: str, seed: int = 0, heads: int = 8,
@@ -42,12 +46,6 @@ def inputs(size: int, batch: int, queries: int | None, device: str, seed: int = 
     value = torch.randn(batch, S, heads, channels, generator=g)
     attn = torch.rand(batch, queries, heads, L * points, generator=g).softmax(-1).view(batch, queries, heads, L, points)
     return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in (value, shapes, loc, attn))
-
-
-def _peak_mb(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 _clock = time.perf_counter
@@ -87,11 +85,11 @@ def _memory_worker(kernel: str, case: str, args: argparse.Namespace, q: mp.Queue
     torch.set_num_threads(args.threads)
     fn = _kernels(kernel == "compiled")[kernel]
     data = _case(case, args)
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    base = _peak_mb(args.device)
+    device = torch.device(args.device)
+    reset_peak_memory(device)
+    base = peak_memory_mb(device)
     _step(fn, *data, backward=True)
-    q.put(_peak_mb(args.device) - base)
+    q.put(peak_memory_mb(device) - base)
 
 
 def main() -> None:

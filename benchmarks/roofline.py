@@ -50,10 +50,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _peak_mb(device: torch.device) -> float:
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new high-water mark: CUDA's allocator statistics, or the process's peak RSS (Linux clear_refs)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux: the peak then includes what came before
+        pass
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak since ``reset_peak_memory``: CUDA max allocated, or peak RSS (VmHWM; ru_maxrss elsewhere)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _flops_by_part(counter: FlopCounterMode) -> dict[str, int]:
@@ -93,8 +110,7 @@ def _run(levels: str, work: str, args: argparse.Namespace, queue: mp.Queue) -> N
                 model(batch)
 
     peak_before = matmul_peak_gflops(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     with FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
@@ -109,7 +125,7 @@ def _run(levels: str, work: str, args: argparse.Namespace, queue: mp.Queue) -> N
             step()
             _sync(device)
             times.append(time.perf_counter() - t)
-    mem = _peak_mb(device)
+    mem = peak_memory_mb(device)
     peak = max(peak_before, matmul_peak_gflops(device))
     events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
     total = sum(e.self_cpu_time_total for e in events)
