@@ -72,7 +72,8 @@ def _corners(value_shape: torch.Size, shapes: list[tuple[int, int]], loc: torch.
     B, S, nH, _ = value_shape
     L, P = loc.shape[3], loc.shape[4]
     dev = loc.device
-    itype = torch.int32 if B * S * nH < 2**31 - 1 else torch.int64
+    # int32 indices (half the traffic) while columns and entries (4 per point) fit
+    itype = torch.int32 if max(B * S * nH, 2 * loc.numel()) < 2**31 - 1 else torch.int64
 
     def per_point(x: torch.Tensor) -> torch.Tensor:  # [.., L, 1] → [.., L, P] contiguous: long inner loops
         return x.expand(*x.shape[:-1], P).contiguous()
@@ -127,29 +128,28 @@ def _sample(value: torch.Tensor, c: _Corners, weights: torch.Tensor) -> torch.Te
 
 
 def _scatter_to_values(c: _Corners, weights: torch.Tensor, grad: torch.Tensor, n_cols: int) -> torch.Tensor:
-    """Transposed sampling ``Aᵀ @ grad`` ([B*S*nH, C]) as one sparse product with rows sorted by value position.
+    """Transposed sampling ``Aᵀ @ grad`` ([B*S*nH, C]) as sparse products with rows sorted by value position.
 
     One sort of the top-left corners (a quarter of the entries) orders all four corners, because a corner's
-    column is the top-left one plus a fixed shift within each (image, level) block: stacking the corners gives
-    a ``[4 * B*S*nH, B*Q*nH]`` CSR matrix whose four blocks are summed."""
+    column is the top-left one plus a fixed shift within each (image, level) block: each corner is then one
+    CSR matrix of the transposed layout, summed corner by corner."""
     n_rows, lp = grad.shape[0], c.key[0, 0, 0].numel()
-    order = torch.argsort(c.key.reshape(-1))  # [M] points by position of their top-left corner
+    itype = c.col.dtype
+    order = torch.argsort(c.key.reshape(-1)).to(itype)  # [M] points by position of their top-left corner
     rows = order // lp  # sampling-matrix row of each sorted point
-    # entry (row, corner, l·p) of the [rows, 4, L·P] layout, for the four corners of each sorted point
-    at = (order + rows * (3 * lp))[None] + torch.arange(0, 4 * lp, lp, device=order.device)[:, None]  # [4, M]
-    at = at.view(-1)
-    rows = rows.to(c.col.dtype).repeat(4)
-
-    def by_corner(x: torch.Tensor) -> torch.Tensor:  # [B, Q, nH, 4, L, P] → [4, M] in sorted order
-        return x.reshape(-1).index_select(0, at).view(4, -1)
-
-    cols = by_corner(c.col)
-    cols += torch.arange(4, device=cols.device, dtype=cols.dtype)[:, None] * n_cols  # corner-major blocks
-    cols = cols.view(-1)
-    counts = torch.bincount(cols, minlength=4 * n_cols)
-    crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(cols.dtype)
-    At = _csr(crow, rows, by_corner(weights).view(-1), (4 * n_cols, n_rows))
-    return torch.sparse.mm(At, grad).view(4, n_cols, -1).sum(0)
+    at = order + rows * (3 * lp)  # entry (row, corner 0, l·p) of the [rows, 4, L·P] layout
+    del order
+    flat_col, flat_w = c.col.reshape(-1), weights.reshape(-1)
+    out = None
+    for _ in range(4):  # corners 00, 01, 10, 11: entries lp apart
+        col = flat_col.index_select(0, at)  # [M] sorted
+        counts = torch.bincount(col, minlength=n_cols)
+        crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(itype)
+        At = _csr(crow, rows, flat_w.index_select(0, at), (n_cols, n_rows))
+        part = torch.sparse.mm(At, grad)  # [B*S*nH, C]
+        out = part if out is None else out.add_(part)
+        at += lp
+    return out
 
 
 class _MSDeformAttnFunction(torch.autograd.Function):
