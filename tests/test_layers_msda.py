@@ -1,4 +1,5 @@
-"""Multi-scale deformable attention against a loop written from the Deformable DETR formula; position encodings."""
+"""Multi-scale deformable attention against a loop written from the Deformable DETR formula and against the
+previous grid_sample kernel (forward and gradients); position encodings."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from surgdino.modeling.layers import (
     inverse_sigmoid,
     ms_deform_attn_core,
 )
+from surgdino.modeling.layers.ms_deform_attn_reference import ms_deform_attn_core_reference
 
 
 def _bilinear(img: torch.Tensor, x: float, y: float) -> torch.Tensor:
@@ -63,6 +65,94 @@ def test_core_matches_formula(shapes, nH, P):
     assert out.shape == (B, Q, nH * C)
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(ms_deform_attn_core(value, shapes, locs, weights), out)
+
+
+def _random_inputs(shapes, B, Q, nH, C, P, dtype, seed, pad=False):
+    """Locations spread over [-0.3, 1.3] (some points outside, some corners across the border); with ``pad``,
+    image 1's value is zero on a padded region, as the module's padding mask makes it."""
+    g = torch.Generator().manual_seed(seed)
+    L, S = len(shapes), sum(h * w for h, w in shapes)
+    value = torch.randn(B, S, nH, C, generator=g, dtype=dtype)
+    if pad:
+        value[1, : shapes[0][0] * shapes[0][1] // 2] = 0
+    locs = torch.rand(B, Q, nH, L, P, 2, generator=g, dtype=dtype) * 1.6 - 0.3
+    weights = torch.rand(B, Q, nH, L * P, generator=g, dtype=dtype).softmax(-1).view(B, Q, nH, L, P)
+    return value, locs, weights
+
+
+CASES = [  # shapes (non-square, 1 and 4 levels), batch, queries, heads, channels, points, padding
+    ([(5, 3)], 2, 7, 2, 4, 3, False),
+    ([(6, 4), (3, 5), (2, 2), (1, 1)], 2, 9, 2, 3, 2, True),
+    ([(7, 9), (4, 5), (2, 3), (1, 2)], 3, 11, 4, 8, 4, True),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_core_forward_and_gradients_equal_reference(case, dtype):
+    shapes, B, Q, nH, C, P, pad = case
+    value, locs, weights = _random_inputs(shapes, B, Q, nH, C, P, dtype, seed=len(shapes) + B, pad=pad)
+    inputs = [t.clone().requires_grad_() for t in (value, locs, weights)]
+    out = ms_deform_attn_core(inputs[0], shapes, inputs[1], inputs[2])
+    ref_inputs = [t.clone().requires_grad_() for t in (value, locs, weights)]
+    ref = ms_deform_attn_core_reference(ref_inputs[0], shapes, ref_inputs[1], ref_inputs[2])
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    with torch.no_grad():  # the inference path (no autograd function) gives the same numbers
+        torch.testing.assert_close(ms_deform_attn_core(value, shapes, locs, weights), out.detach())
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, grad)
+    ref_grads = torch.autograd.grad(ref, ref_inputs, grad)
+    for name, gr, rg in zip(("value", "locations", "weights"), grads, ref_grads):
+        scale = rg.abs().max().item()
+        torch.testing.assert_close(gr, rg, rtol=tol, atol=tol * max(1.0, scale), msg=name)
+    assert grads[1].abs().sum() > 0 and grads[0].abs().sum() > 0
+
+
+def test_core_points_outside_give_zero_output_and_gradient():
+    shapes = [(4, 3), (2, 2)]
+    value, locs, weights = _random_inputs(shapes, 1, 5, 2, 3, 2, torch.float64, seed=3)
+    far = torch.tensor([-0.75, 1.8, -5.0, 40.0], dtype=torch.float64)  # every corner outside the map
+    locs = far[torch.randint(0, 4, locs.shape)]
+    inputs = [t.clone().requires_grad_() for t in (value, locs, weights)]
+    out = ms_deform_attn_core(inputs[0], shapes, inputs[1], inputs[2])
+    assert out.abs().max() == 0
+    grads = torch.autograd.grad(out, inputs, torch.ones_like(out))
+    assert all(g.abs().max() == 0 for g in grads)
+
+
+def test_core_only_requested_gradients():
+    shapes = [(3, 4), (2, 1)]
+    value, locs, weights = _random_inputs(shapes, 2, 4, 2, 3, 2, torch.float64, seed=5)
+    v = value.clone().requires_grad_()
+    out = ms_deform_attn_core(v, shapes, locs, weights)
+    (gv,) = torch.autograd.grad(out, [v], torch.ones_like(out))
+    ref = ms_deform_attn_core_reference(value.requires_grad_(), shapes, locs, weights)
+    torch.testing.assert_close(gv, torch.autograd.grad(ref, [value], torch.ones_like(ref))[0])
+
+
+def test_core_gradcheck_fp64_and_fp32_gradients_match_it():
+    """Finite differences in fp64; fp32 analytic gradients equal the checked fp64 ones (finite differences in
+    fp32 are too coarse for a piecewise-bilinear function)."""
+    shapes = [(3, 2), (2, 3)]
+    value, locs, weights = _random_inputs(shapes, 2, 3, 2, 2, 2, torch.float64, seed=7, pad=True)
+    inputs = [t.clone().requires_grad_() for t in (value, locs, weights)]
+    assert torch.autograd.gradcheck(lambda v, lc, w: ms_deform_attn_core(v, shapes, lc, w), inputs)
+    out = ms_deform_attn_core(*inputs[:1], shapes, *inputs[1:])
+    grad = torch.randn_like(out)
+    grads64 = torch.autograd.grad(out, inputs, grad)
+    inputs32 = [t.detach().float().requires_grad_() for t in inputs]
+    out32 = ms_deform_attn_core(inputs32[0], shapes, inputs32[1], inputs32[2])
+    for g32, g64 in zip(torch.autograd.grad(out32, inputs32, grad.float()), grads64):
+        torch.testing.assert_close(g32.double(), g64, rtol=1e-5, atol=1e-5)
+
+
+def test_core_rejects_mismatched_shapes():
+    value, locs, weights = _random_inputs([(3, 2)], 1, 2, 1, 2, 1, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="levels"):
+        ms_deform_attn_core(value, [(3, 2), (1, 1)], locs, weights)
+    with pytest.raises(ValueError, match="positions"):
+        ms_deform_attn_core(value, [(2, 2)], locs, weights)
 
 
 def _slow_module(m: MSDeformAttn, query, ref_pts, src, shapes, mask):
