@@ -1,5 +1,5 @@
 """Multi-scale deformable attention: the sparse-matrix kernel against the previous grid_sample kernel
-(``ms_deform_attn_core_reference``), same inputs, same run: forward, forward + backward, peak memory.
+(``ms_deform_attn_core_grid``), same inputs, same run: forward, forward + backward, peak memory.
 
 Sizes of the user document's configuration: 4 levels res2–res5 of a ``--size``² image (strides 4–32), batch
 ``--batch``, d = 256, 8 heads, 4 points; "encoder" = every token a query (reference point at its own centre),
@@ -58,7 +58,9 @@ def _sync(device: str) -> None:
 
 def _kernels(compile_: bool) -> dict:
     from surgdino.modeling.layers.ms_deform_attn import ms_deform_attn_core
-    from surgdino.modeling.layers.ms_deform_attn_reference import ms_deform_attn_core_reference
+    from surgdino.modeling.layers.ms_deform_attn_grid import (
+        ms_deform_attn_core_grid as ms_deform_attn_core_reference,
+    )
     out = {"reference": ms_deform_attn_core_reference, "sparse": ms_deform_attn_core}
     if compile_:
         out["compiled"] = torch.compile(ms_deform_attn_core, dynamic=False)

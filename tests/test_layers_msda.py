@@ -16,7 +16,9 @@ from surgdino.modeling.layers import (
     inverse_sigmoid,
     ms_deform_attn_core,
 )
-from surgdino.modeling.layers.ms_deform_attn_reference import ms_deform_attn_core_reference
+from surgdino.modeling.layers.ms_deform_attn_grid import (
+    ms_deform_attn_core_grid as ms_deform_attn_core_reference,
+)
 
 
 def _bilinear(img: torch.Tensor, x: float, y: float) -> torch.Tensor:
@@ -253,3 +255,29 @@ def test_inverse_sigmoid_and_mlp():
     mlp = MLP(4, 8, 3, 3)
     assert [tuple(lyr.weight.shape) for lyr in mlp.layers] == [(8, 4), (8, 8), (3, 8)]
     assert mlp(torch.randn(5, 4)).shape == (5, 3)
+
+
+def test_kernel_choice_follows_device_dtype_and_tracing():
+    """Eager fp32 on CPU takes the sparse kernel; bf16 and tracing take the grid_sample kernel, same numbers."""
+    from surgdino.modeling.layers.ms_deform_attn import sparse_kernel_applies
+
+    shapes = [(4, 5), (2, 3)]
+    g = torch.Generator().manual_seed(0)
+    value = torch.randn(1, 26, 2, 4, generator=g)
+    locs = torch.rand(1, 7, 2, 2, 3, 2, generator=g) * 1.4 - 0.2
+    weights = torch.rand(1, 7, 2, 2, 3, generator=g)
+    assert sparse_kernel_applies(value, locs)
+    assert not sparse_kernel_applies(value.bfloat16(), locs)
+    seen = []
+
+    def traced(v, lo, w):
+        seen.append(sparse_kernel_applies(v, lo))
+        return ms_deform_attn_core(v, shapes, lo, w)
+
+    fn = torch.jit.trace(traced, (value, locs, weights), check_trace=False)
+    assert seen == [False]
+    ref = ms_deform_attn_core_reference(value, shapes, locs, weights)
+    torch.testing.assert_close(fn(value, locs, weights), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ms_deform_attn_core(value, shapes, locs, weights), ref, rtol=1e-5, atol=1e-6)
+    low = ms_deform_attn_core(value.bfloat16(), shapes, locs.bfloat16(), weights.bfloat16())
+    assert low.dtype == torch.bfloat16 and torch.allclose(low.float(), ref, atol=0.05)

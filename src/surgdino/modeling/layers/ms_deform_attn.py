@@ -5,37 +5,28 @@ feature maps, per head, and sums the sampled values with softmax weights (Zhu et
 Same sampling convention as the CUDA kernel: locations in [0, 1], ``align_corners=False``, zeros outside.
 The four bilinear corners of every point, over all levels, form one sparse matrix (CSR: MKL on CPU, cuSPARSE
 on CUDA); sampling is one sparse × dense product with the values as they lie, the backward a transposed product
-and sampled dot products. The previous ``grid_sample`` kernel is ``ms_deform_attn_reference`` (tests, benchmark).
+and sampled dot products. The sparse kernel runs for fp32/fp64 on CPU in eager mode; everywhere else (CUDA, where cuSPARSE has not been
+measured; tracing, ONNX export and ``torch.compile``, which have no sparse operators) the ``grid_sample``
+kernel of ``ms_deform_attn_grid.py`` runs, with the same numbers to 1e-5.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-SpatialShapes = torch.Tensor | Sequence[Sequence[int]]
+from surgdino.modeling.layers.ms_deform_attn_grid import (
+    SpatialShapes,
+    check_core_inputs,
+    ms_deform_attn_core_grid,
+    spatial_shapes_as_list,
+)
 
-
-def spatial_shapes_as_list(spatial_shapes: SpatialShapes) -> list[tuple[int, int]]:
-    """``[(H, W), ...]`` as Python ints; pass a list to avoid a device sync in the hot path."""
-    if isinstance(spatial_shapes, torch.Tensor):
-        spatial_shapes = spatial_shapes.tolist()
-    return [(int(h), int(w)) for h, w in spatial_shapes]
-
-
-def check_core_inputs(value: torch.Tensor, shapes: list[tuple[int, int]], sampling_locations: torch.Tensor) -> None:
-    """The levels of ``shapes`` match the locations' level axis and cover exactly the value's positions."""
-    L, S = sampling_locations.shape[3], value.shape[1]
-    if len(shapes) != L:
-        raise ValueError(f"spatial_shapes has {len(shapes)} levels but sampling_locations has {L}")
-    if sum(h * w for h, w in shapes) != S:
-        raise ValueError(f"spatial_shapes cover {sum(h * w for h, w in shapes)} positions, value has {S}")
-
+__all__ = ["MSDeformAttn", "SpatialShapes", "check_core_inputs", "ms_deform_attn_core", "spatial_shapes_as_list"]
 
 class _Corners(NamedTuple):
     """The four bilinear corners of every sampling point, as rows of one sparse sampling matrix.
@@ -193,6 +184,15 @@ class _MSDeformAttnFunction(torch.autograd.Function):
         return grad_value, grad_loc, grad_w, None
 
 
+def sparse_kernel_applies(value: torch.Tensor, sampling_locations: torch.Tensor) -> bool:
+    """The sparse kernel runs eagerly on CPU in fp32/fp64; CUDA (unmeasured), autocast dtypes, tracing, ONNX
+    export and ``torch.compile`` (no sparse operators there) take the ``grid_sample`` kernel."""
+    fp = (torch.float32, torch.float64)
+    return (value.device.type == "cpu" and value.dtype in fp and sampling_locations.dtype in fp
+            and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()
+            and not torch.compiler.is_compiling())
+
+
 def ms_deform_attn_core(
     value: torch.Tensor,
     spatial_shapes: SpatialShapes,
@@ -204,7 +204,10 @@ def ms_deform_attn_core(
 
     Deformable DETR's formula (bilinear, zeros outside, ``align_corners=False``) as one sparse sampling
     matrix over all levels times the values. With gradients enabled it runs as one autograd function whose
-    backward recomputes the corners (memory O(points), not O(points × channels))."""
+    backward recomputes the corners (memory O(points), not O(points × channels)). Off the sparse kernel's
+    ground (see ``sparse_kernel_applies``) the ``grid_sample`` kernel computes the same formula."""
+    if not sparse_kernel_applies(value, sampling_locations):
+        return ms_deform_attn_core_grid(value, spatial_shapes, sampling_locations, attention_weights)
     shapes = spatial_shapes_as_list(spatial_shapes)
     check_core_inputs(value, shapes, sampling_locations)
     dtype = torch.promote_types(value.dtype, sampling_locations.dtype)

@@ -1,15 +1,34 @@
-"""The previous multi-scale deformable attention kernel, kept as the reference the fast one is tested and
-benchmarked against: per level, value permuted to ``[B*nH, C, H, W]``, ``grid_sample`` (bilinear, zeros outside,
+"""The ``grid_sample`` multi-scale deformable attention kernel: what runs on CUDA, under tracing / ONNX export /
+``torch.compile``, and for dtypes other than fp32/fp64; on CPU it is also the reference the sparse kernel of
+``ms_deform_attn.py`` is tested and benchmarked against: per level, value permuted to ``[B*nH, C, H, W]``, ``grid_sample`` (bilinear, zeros outside,
 ``align_corners=False``) and a per-point ``addcmul_`` weighted sum; its autograd function recomputes the samples
 in backward and calls ``grid_sampler_2d_backward`` per level. Same numbers as Deformable DETR's
-``ms_deform_attn_core_pytorch``; not used by the models."""
+``ms_deform_attn_core_pytorch``."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from surgdino.modeling.layers.ms_deform_attn import SpatialShapes, check_core_inputs, spatial_shapes_as_list
+SpatialShapes = torch.Tensor | Sequence[Sequence[int]]
+
+
+def spatial_shapes_as_list(spatial_shapes: SpatialShapes) -> list[tuple[int, int]]:
+    """``[(H, W), ...]`` as Python ints; pass a list to avoid a device sync in the hot path."""
+    if isinstance(spatial_shapes, torch.Tensor):
+        spatial_shapes = spatial_shapes.tolist()
+    return [(int(h), int(w)) for h, w in spatial_shapes]
+
+
+def check_core_inputs(value: torch.Tensor, shapes: list[tuple[int, int]], sampling_locations: torch.Tensor) -> None:
+    """The levels of ``shapes`` match the locations' level axis and cover exactly the value's positions."""
+    L, S = sampling_locations.shape[3], value.shape[1]
+    if len(shapes) != L:
+        raise ValueError(f"spatial_shapes has {len(shapes)} levels but sampling_locations has {L}")
+    if sum(h * w for h, w in shapes) != S:
+        raise ValueError(f"spatial_shapes cover {sum(h * w for h, w in shapes)} positions, value has {S}")
 
 
 def _level_values(value: torch.Tensor, shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
@@ -95,7 +114,7 @@ class _ReferenceFunction(torch.autograd.Function):
         return grad_value, grad_loc, grad_w, None
 
 
-def ms_deform_attn_core_reference(
+def ms_deform_attn_core_grid(
     value: torch.Tensor,
     spatial_shapes: SpatialShapes,
     sampling_locations: torch.Tensor,
