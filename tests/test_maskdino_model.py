@@ -83,4 +83,5 @@ def test_forward_tensors_is_list_free_and_traces():
     other[0, :, 80:] = True
     with torch.no_grad():
         for got, want in zip(traced(b.images, other), Export(model)(b.images, other)):
-            assert torch.equal(got, want)
+            # the trace runs the grid_sample deformable-attention kernel, eager CPU the sparse one (same to 1e-5)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
