@@ -3,6 +3,7 @@ or deeply nested files, the README's examples, ``--threads``."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import subprocess
@@ -45,12 +46,12 @@ def test_parser_help_and_argument_errors_import_no_torch():
 
 def test_every_computing_command_has_threads():
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices
-    groups = {"data": "check"}
-    for name in ("train", "predict", "demo", "evaluate", "check-backbone", "data"):
-        parser = sub[name]
-        if name in groups:
-            parser = next(a for a in parser._actions if a.dest == "data_command").choices[groups[name]]
-        assert any("--threads" in a.option_strings for a in parser._actions), name
+    for path in (["train"], ["predict"], ["demo"], ["evaluate"], ["check-backbone"], ["data", "check"],
+                 ["data", "synth"], ["data", "show"], ["convert", "convnext"]):
+        parser = sub[path[0]]
+        for name in path[1:]:
+            parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+        assert any("--threads" in a.option_strings for a in parser._actions), path
 
 
 def test_threads_sets_torch_threads(capsys):

@@ -27,8 +27,9 @@ COMMAND_MODULES = (
     "surgdino.engine.cli",  # train | predict | demo
     "surgdino.modeling.backbone.cli",  # check-backbone
 )
-# Commands that compute but take no config: they get ``--threads`` here.
-_THREADED = ("evaluate",)
+# Commands that compute but take no config: they get ``--threads`` here (the others through
+# ``add_config_arguments``).
+_THREADED = (("evaluate",), ("data", "synth"), ("convert", "convnext"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,9 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(name).register(sub)
     from surgdino.cliutil import add_threads_argument
 
-    for name in _THREADED:
-        if name in sub.choices:
-            add_threads_argument(sub.choices[name])
+    for path in _THREADED:
+        p = sub.choices.get(path[0])
+        for name in path[1:]:
+            nested = [a for a in (p._actions if p else []) if isinstance(a, argparse._SubParsersAction)]
+            p = nested[0].choices.get(name) if nested else None
+        if p is not None:
+            add_threads_argument(p)
     return parser
 
 
