@@ -5,8 +5,7 @@ Names are imported on first use (PEP 562), so the command line builds its parser
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from surgdino.lazy import lazy_exports
 
 _EXPORTS = {
     "Checkpointer": "surgdino.engine.checkpointer",
@@ -28,14 +27,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
