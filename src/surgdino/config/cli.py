@@ -55,11 +55,15 @@ def _show(args: argparse.Namespace) -> int:
         from surgdino.errors import SurgDinoError
         from surgdino.log import get_logger
 
-        get_logger().setLevel("ERROR")  # log lines would mix with the YAML on stdout; warnings go to stderr
+        root = get_logger()
+        level = root.level
+        root.setLevel("ERROR")  # log lines would mix with the YAML on stdout; warnings go to stderr
         try:
             warnings = check_datasets(cfg, train=True)
         except SurgDinoError as e:
             raise type(e)(f"{e} (`config show --no-check` prints the config without reading its datasets)") from None
+        finally:
+            root.setLevel(level)
     print(cfg.dump(), end="")
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
