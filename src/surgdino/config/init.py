@@ -77,13 +77,10 @@ def guess_image_root(json_file: str) -> str:
 
 def measure(json_file: str, image_root: str) -> Stats:
     """Load (and so validate) the dataset and measure what sizes the config."""
-    from surgdino.data.catalog import MetadataCatalog
-    from surgdino.data.coco import load_coco_json
+    from surgdino.data.coco import load_coco
 
-    name = f"__config_init__{id(json_file)}"
-    records = load_coco_json(json_file, image_root, dataset_name=name)
-    classes = tuple(MetadataCatalog.get(name).thing_classes)
-    MetadataCatalog.remove(name)
+    records, cats = load_coco(json_file, image_root)
+    classes = tuple(c["name"] for c in cats)
     if not records:
         raise ConfigError(f"{json_file}: no images; config init needs a dataset with images")
     counts = [sum(1 for a in r["annotations"] if not a.get("iscrowd", 0)) for r in records]
