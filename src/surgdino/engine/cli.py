@@ -127,7 +127,6 @@ def _predict(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 def _export(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from surgdino.deploy.cli import run_export
 
-    _pull_options(parser, args)
     return run_export(parser, args)
 
 
