@@ -53,16 +53,53 @@ def schema() -> dict[str, Key]:
     return _SCHEMA
 
 
+# Deepest nesting a value may have (YAML, JSON or the command line); far above any real config.
+MAX_DEPTH = 100
+PACKAGE_SCHEME = "surgdino://"
+
+
 def _parse_string(text: str) -> Any:
     """Parse a command-line or tuple-string value: Python literal first, then YAML, else the text."""
+    if _bracket_depth(text) > MAX_DEPTH:
+        raise ConfigError(f"value {text[:20]}... is nested more than {MAX_DEPTH} levels deep; flatten it")
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
         pass
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    except RecursionError:
+        raise ConfigError(f"value {text[:20]}... is nested too deeply to read; flatten it") from None
+
+
+def _bracket_depth(text: str) -> int:
+    """Deepest nesting of brackets and braces in ``text`` (quotes not respected: an upper bound)."""
+    depth = deepest = 0
+    for ch in text:
+        if ch in "[{(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]})":
+            depth = max(0, depth - 1)
+    return deepest
+
+
+def nesting_depth(value: Any, limit: int = MAX_DEPTH) -> int:
+    """Depth of nested lists/dicts in ``value``, counted iteratively (stops past ``limit``)."""
+    deepest = 0
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        if isinstance(item, Mapping):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
 
 
 def _scalar(key: Key, value: Any, want: str, source: str) -> Any:
@@ -264,32 +301,108 @@ def default_config() -> Config:
     return Config({k: copy.deepcopy(v.default) for k, v in schema().items()})
 
 
+def packaged_config_dir() -> str:
+    """The folder of the configs shipped inside the package (``surgdino://NAME`` names a file there)."""
+    from importlib import resources
+
+    return str(resources.files("surgdino") / "configs")
+
+
+def packaged_configs() -> list[str]:
+    """Names of the packaged configs, e.g. ``demo/dimaskdino_atto_trays.yaml`` (as ``surgdino://`` takes them)."""
+    root = packaged_config_dir()
+    names = []
+    for folder, _, files in os.walk(root):
+        for f in files:
+            if f.endswith((".yaml", ".yml")):
+                names.append(os.path.relpath(os.path.join(folder, f), root).replace(os.sep, "/"))
+    return sorted(names)
+
+
+def _suggest(path: str) -> str:
+    """A hint naming an existing config close to a missing ``path`` (packaged ones by ``surgdino://``)."""
+    names = packaged_configs()
+    tail = path.replace(os.sep, "/").split("configs/")[-1] if "configs/" in path else os.path.basename(path)
+    same = [n for n in names if n == tail or n.endswith("/" + os.path.basename(path))
+            or os.path.splitext(n)[0] == os.path.splitext(tail)[0]]
+    close = same or difflib.get_close_matches(tail, names, n=1, cutoff=0.5)
+    if close:
+        return f"; did you mean {PACKAGE_SCHEME}{close[0]}? (`surgdino config list` lists the packaged configs)"
+    return "; `surgdino config list` lists the packaged configs (use them as surgdino://NAME)"
+
+
+def resolve_config_path(path: str, base_dir: str | None = None) -> str:
+    """An absolute config path: ``surgdino://NAME`` (``.yaml`` optional) is a packaged config; other
+    relative paths are relative to ``base_dir`` (the including file's folder for ``_BASE_``) or the cwd."""
+    if path.startswith(PACKAGE_SCHEME):
+        name = path[len(PACKAGE_SCHEME):].strip("/")
+        root = packaged_config_dir()
+        names = packaged_configs()
+        for candidate in (name, name + ".yaml", name + ".yml"):
+            if candidate in names:
+                return os.path.join(root, *candidate.split("/"))
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.4)
+        hint = f"did you mean {PACKAGE_SCHEME}{close[0]}? " if close else ""
+        raise ConfigError(f"no packaged config {path}; {hint}packaged: {', '.join(names)}")
+    path = os.path.expanduser(path)
+    if base_dir is not None and not os.path.isabs(path):
+        path = os.path.join(base_dir, path)
+    return os.path.abspath(path)
+
+
 def _read_yaml(path: str, chain: tuple[str, ...] = ()) -> dict[str, Any]:
     """Read a YAML file and its ``_BASE_`` chain into one flat {dotted key: value} dict."""
-    path = os.path.abspath(os.path.expanduser(path))
+    where = f" (named as _BASE_ in {chain[-1]})" if chain else ""
+    given = path
+    path = resolve_config_path(path)
     if path in chain:
         raise ConfigError(f"{path}: _BASE_ cycle: {' -> '.join(chain + (path,))}")
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {given} is a directory, not a YAML file{where}")
     if not os.path.isfile(path):
-        where = f" (named as _BASE_ in {chain[-1]})" if chain else ""
-        raise ConfigError(f"config file not found: {path}{where}")
+        raise ConfigError(f"config file not found: {path}{where}{_suggest(given)}")
     try:
         with open(path, encoding="utf-8") as f:
             tree = yaml.safe_load(f) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to read (more than {MAX_DEPTH} levels); flatten it") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file (is it a YAML config?)") from None
     if not isinstance(tree, Mapping):
         raise ConfigError(f"{path}: top level must be a mapping of config keys, got {type(tree).__name__}")
+    if nesting_depth(tree) > MAX_DEPTH:
+        raise ConfigError(f"{path}: nested more than {MAX_DEPTH} levels deep; flatten it")
     flat: dict[str, Any] = {}
     bases = tree.pop("_BASE_", None)
     if bases:
         for base in [bases] if isinstance(bases, str) else bases:
-            base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
-            flat.update(_read_yaml(base_path, chain + (path,)))
+            if not isinstance(base, str):
+                raise ConfigError(f"{path}: _BASE_ must be a file name or a list of them, got {base!r}")
+            flat.update(_read_yaml(resolve_config_path(base, os.path.dirname(path))
+                                   if not base.startswith(PACKAGE_SCHEME) else base, chain + (path,)))
     for name, value in _flatten(tree):
         if name == "DATASETS.REGISTER" and isinstance(value, list):
-            value = [_resolve_paths(item, os.path.dirname(path)) for item in value]
+            value = [_resolve_paths(normalize_dataset_item(item), os.path.dirname(path)) for item in value]
         flat[name] = (value, path)
     return flat
+
+
+# DATASETS.REGISTER fields and the other spellings accepted for them (any case).
+DATASET_FIELDS = {"name": ("name",), "json_file": ("json_file", "json"), "image_root": ("image_root",)}
+
+
+def normalize_dataset_item(item: Any) -> Any:
+    """``{NAME, JSON, IMAGE_ROOT}`` (the README's spelling) and ``{name, json_file, image_root}`` are the
+    same item; fields are returned in the lowercase spelling. Unknown fields are kept (validation names them)."""
+    if not isinstance(item, Mapping):
+        return item
+    spellings = {alias: field for field, aliases in DATASET_FIELDS.items() for alias in aliases}
+    out: dict[str, Any] = {}
+    for k, v in item.items():
+        out[spellings.get(str(k).lower(), k)] = v
+    return out
 
 
 def _resolve_paths(item: Any, base: str) -> Any:
@@ -324,6 +437,9 @@ def load_config(config_file: str | None = None, opts: list[str] | None = None) -
                 raise _unknown(name, path)
             cfg = cfg.merge({name: value}, source=path)
     cfg = merge_opts(cfg, opts)
+    items = [normalize_dataset_item(item) for item in cfg.DATASETS.REGISTER]
+    if items != cfg.DATASETS.REGISTER:  # given on the command line in the other spelling
+        cfg = cfg.merge({"DATASETS.REGISTER": items})
     from surgdino.config.validate import validate
 
     validate(cfg)

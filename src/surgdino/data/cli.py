@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="check a dataset declared in the config (DATASETS.REGISTER) instead of --annotations")
     check.add_argument("--decode", action="store_true", help="also decode every image (slow; finds corrupt files)")
     check.add_argument("--no-images", action="store_true", help="check the json only, not the image files")
-    from surgdino.cli import add_config_arguments
+    from surgdino.cliutil import add_config_arguments
 
     add_config_arguments(check)
     check.set_defaults(func=_check)

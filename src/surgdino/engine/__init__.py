@@ -1,14 +1,30 @@
-"""Training engine: trainer core + hooks, checkpoints, optimizer and schedule, launch, writers, predictor."""
+"""Training engine: trainer core + hooks, checkpoints, optimizer and schedule, launch, writers, predictor.
 
-from surgdino.engine.checkpointer import Checkpointer, load_weights
-from surgdino.engine.defaults import Trainer, default_setup, eval_only, evaluate, inference_on_dataset
-from surgdino.engine.hooks import EvalHook, PeriodicCheckpointer, PeriodicWriter
-from surgdino.engine.launch import launch
-from surgdino.engine.optimizer import build_lr_scheduler, build_optimizer, get_param_groups
-from surgdino.engine.trainer import HookBase, NonFiniteLossError, SimpleTrainer
+Names are imported on first use (PEP 562), so the command line builds its parser without torch
+(``launch``: import it from ``surgdino.engine.launch``, the submodule of that name).
+"""
+from __future__ import annotations
 
-__all__ = [
-    "Checkpointer", "EvalHook", "HookBase", "NonFiniteLossError", "PeriodicCheckpointer", "PeriodicWriter",
-    "SimpleTrainer", "Trainer", "build_lr_scheduler", "build_optimizer", "default_setup", "eval_only",
-    "evaluate", "get_param_groups", "inference_on_dataset", "launch", "load_weights",
-]
+from surgdino.lazy import lazy_exports
+
+_EXPORTS = {
+    "Checkpointer": "surgdino.engine.checkpointer",
+    "load_weights": "surgdino.engine.checkpointer",
+    "Trainer": "surgdino.engine.defaults",
+    "default_setup": "surgdino.engine.defaults",
+    "eval_only": "surgdino.engine.defaults",
+    "evaluate": "surgdino.engine.defaults",
+    "inference_on_dataset": "surgdino.engine.defaults",
+    "EvalHook": "surgdino.engine.hooks",
+    "PeriodicCheckpointer": "surgdino.engine.hooks",
+    "PeriodicWriter": "surgdino.engine.hooks",
+    "build_lr_scheduler": "surgdino.engine.optimizer",
+    "build_optimizer": "surgdino.engine.optimizer",
+    "get_param_groups": "surgdino.engine.optimizer",
+    "HookBase": "surgdino.engine.trainer",
+    "NonFiniteLossError": "surgdino.engine.trainer",
+    "SimpleTrainer": "surgdino.engine.trainer",
+}
+__all__ = sorted(_EXPORTS)
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -6,38 +6,15 @@ import argparse
 import os
 from typing import Any
 
-
-def _pull_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Options written after the first ``KEY VALUE`` pair land in ``args.opts`` (argparse REMAINDER);
-    move those this command knows back onto ``args`` so ``--input X`` works anywhere on the line."""
-    known = {s: a for a in parser._actions for s in a.option_strings}
-    rest: list[str] = []
-    opts = list(args.opts or [])
-    i = 0
-    while i < len(opts):
-        tok = opts[i]
-        name, _, inline = tok.partition("=")
-        action = known.get(name)
-        if action is None or not tok.startswith("--"):
-            rest.append(tok)
-            i += 1
-            continue
-        if action.nargs == 0:
-            setattr(args, action.dest, action.const if action.const is not None else True)
-            i += 1
-            continue
-        if inline:
-            raw, i = inline, i + 1
-        elif i + 1 < len(opts):
-            raw, i = opts[i + 1], i + 2
-        else:
-            parser.error(f"argument {name}: expected one argument")
-        setattr(args, action.dest, action.type(raw) if action.type else raw)
-    args.opts = rest
+# predict's default score threshold: the one the demo draws at (engine.demo.DRAW_SCORE_THRESHOLD;
+# a test checks they agree). Not imported from there: that module imports torch.
+SCORE_THRESHOLD = 0.2
+# demo's default --threads (measured on 2 cores: see the README's "Shared machines").
+DEMO_THREADS = 1
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from surgdino.cli import add_config_arguments
+    from surgdino.cliutil import add_config_arguments, add_overrides, add_threads_argument
 
     t = sub.add_parser("train", help="train (or --eval-only evaluate) a model from a config",
                        description="Train on DATASETS.TRAIN, evaluating on DATASETS.TEST; outputs in OUTPUT_DIR.")
@@ -53,15 +30,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("predict", help="draw predictions on images and write COCO results json",
                        description="Run MODEL.WEIGHTS on images; PNG drawings and coco_results.json in --output.")
-    p.add_argument("--input", help="an image, a folder of images, or a glob pattern (quoted); required")
-    p.add_argument("--output", help="folder for the drawings and coco_results.json; required")
-    p.add_argument("--score-threshold", type=float, default=0.5, help="draw and keep instances scoring at least this")
+    req = p.add_argument_group("required arguments")
+    req.add_argument("--input", metavar="IMAGES", help="an image, a folder of images, or a glob pattern (quoted)")
+    req.add_argument("--output", metavar="DIR", help="folder for the drawings and coco_results.json")
+    p.add_argument("--score-threshold", type=float, default=SCORE_THRESHOLD, metavar="T",
+                   help=f"draw and keep instances scoring at least this (default {SCORE_THRESHOLD}, as the demo "
+                        "draws; score = class probability x mask score, so short CPU runs rarely reach 0.5)")
     p.add_argument("--annotations", metavar="JSON", help="COCO json the images belong to: keep its image ids, "
                    "so coco_results.json can be scored with `surgdino evaluate`")
     p.add_argument("--image-root", metavar="DIR", help="folder the json's file_name are relative to (with --annotations)")
     p.add_argument("--dataset", metavar="NAME", help="like --annotations, for a dataset declared in the config")
     p.add_argument("--onnx", metavar="FILE", help="run this `surgdino export` file with onnxruntime (no config file)")
     add_config_arguments(p)
+    p.usage = ("surgdino predict --input IMAGES --output DIR [--score-threshold T] [--annotations JSON "
+               "[--image-root DIR] | --dataset NAME] [--config-file FILE] [--threads N] [KEY VALUE ...]")
     p.set_defaults(func=lambda a: _predict(p, a))
 
     from surgdino.deploy.cli import register_export
@@ -75,7 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--data-root", default=None,
                    help="where the demo dataset is generated (default ~/.cache/surgdino/demo_trays)")
     d.add_argument("--quick", action="store_true", help="a few iterations on a few images (a smoke test)")
-    d.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", help="config overrides")
+    add_threads_argument(d, default=DEMO_THREADS)
+    add_overrides(d)
     d.set_defaults(func=lambda a: _demo(d, a))
 
 
@@ -85,9 +68,10 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from surgdino.engine.launch import launch, under_torchrun
     from surgdino.errors import ConfigError
 
-    _pull_options(parser, args)
     if not args.config_file:
-        raise ConfigError("train needs --config-file FILE (e.g. configs/demo/...yaml)")
+        raise ConfigError("train needs --config-file FILE, e.g. --config-file surgdino://demo/dimaskdino_atto_trays.yaml "
+                          "(`surgdino config list` lists the packaged configs; `surgdino config init` writes one "
+                          "for your data)")
     cfg = load_config(args.config_file, args.opts)
     device = resolve_device(cfg)
     if not under_torchrun():
@@ -123,7 +107,6 @@ def _predict(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from surgdino.config import load_config
     from surgdino.engine.predictor import Predictor, dataset_image_ids, list_images, predict_files
 
-    _pull_options(parser, args)
     missing = [f for f in ("input", "output") if not getattr(args, f)]
     if missing:
         parser.error(f"the following arguments are required: {', '.join('--' + m for m in missing)}")
@@ -144,13 +127,11 @@ def _predict(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 def _export(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from surgdino.deploy.cli import run_export
 
-    _pull_options(parser, args)
     return run_export(parser, args)
 
 
 def _demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from surgdino.engine.demo import run_demo
 
-    _pull_options(parser, args)
     run_demo(output=args.output, data_root=args.data_root, quick=args.quick, opts=args.opts)
     return 0

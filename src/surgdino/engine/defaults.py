@@ -395,3 +395,6 @@ def check_inputs(cfg: Config, *, train: bool) -> None:
     for name in names + (list(cfg.DATASETS.TEST) if train else []):
         if not DatasetCatalog.get(name):
             raise DataError(f"dataset {name!r} has no images; check its json_file and image_root")
+    from surgdino.data.checks import check_datasets
+
+    check_datasets(cfg, train=train)  # class counts vs NUM_CLASSES (errors), queries vs instances (warnings)

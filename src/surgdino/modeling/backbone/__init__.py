@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING, Any
 
-from surgdino.modeling.backbone.base import Backbone, ShapeSpec
 from surgdino.registry import BACKBONE_REGISTRY
+
+if TYPE_CHECKING:
+    from surgdino.modeling.backbone.base import Backbone, ShapeSpec
 
 _MODULES = ("surgdino.modeling.backbone.convnext", "surgdino.modeling.backbone.surgeryclip",
             "surgdino.modeling.backbone.resnet")
@@ -18,6 +21,15 @@ def _fill_registry() -> None:
         except ModuleNotFoundError as e:
             if e.name != name:
                 raise
+
+
+def __getattr__(name: str) -> Any:
+    """``Backbone`` and ``ShapeSpec`` on first use: importing this package (the command line does) needs no torch."""
+    if name in ("Backbone", "ShapeSpec"):
+        from surgdino.modeling.backbone import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_backbone(cfg) -> Backbone:

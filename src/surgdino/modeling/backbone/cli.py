@@ -8,13 +8,16 @@ peak memory, then runs one backward pass and says whether gradients reach the tr
 from __future__ import annotations
 
 import argparse
+import re
 import resource
 import sys
 import time
-
-import torch
+from typing import TYPE_CHECKING
 
 from surgdino.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_SIZES = ("224x224", "320x480", "385x513")
 DESCRIPTION = """Build the configured backbone (MODEL.BACKBONE.NAME) alone and exercise it on dummy batches:
@@ -24,6 +27,20 @@ every trainable parameter. Exit code 0 when all checks pass, 1 otherwise.
 
 example: surgdino check-backbone --sizes 224x224 480x640 MODEL.BACKBONE.NAME surgeryclip \\
              MODEL.SURGERYCLIP.CKPT /models/ViT-B-16.pt MODEL.SURGERYCLIP.TRAINABLE_BLOCKS 2"""
+
+
+_SIZE = re.compile(r"^\d+[xX]\d+$")
+
+
+def split_sizes(tokens: list[str]) -> tuple[list[str], list[str]]:
+    """``--sizes 224x224 480x640 MODEL.X v``: argparse's ``nargs="+"`` takes every token; the sizes are
+    the leading ``HxW`` ones and the first other token starts the ``KEY VALUE`` overrides."""
+    n = 0
+    while n < len(tokens) and _SIZE.match(tokens[n]):
+        n += 1
+    if n == 0 and tokens:
+        _parse_size(tokens[0])  # the error for a malformed first size
+    return list(tokens[:n]), list(tokens[n:])
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -37,6 +54,8 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 
 def _device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
@@ -46,6 +65,8 @@ def _device(name: str) -> torch.device:
 
 
 def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "peak CUDA allocated"
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
@@ -67,6 +88,8 @@ def check_backbone(cfg, sizes: list[tuple[int, int]], batch_size: int = 2, devic
                    repeats: int = 2, out=None) -> bool:
     """Build ``cfg``'s backbone and check shapes, speed, memory and gradient flow; True when all checks pass."""
     out = out or sys.stdout
+    import torch
+
     from surgdino.modeling.backbone import build_backbone
     from surgdino.structures import batch_images
 
@@ -135,15 +158,16 @@ def check_backbone(cfg, sizes: list[tuple[int, int]], batch_size: int = 2, devic
 def _run(args: argparse.Namespace) -> int:
     from surgdino.config import load_config
 
-    cfg = load_config(args.config_file, args.opts)
-    sizes = [_parse_size(s) for s in (args.sizes or DEFAULT_SIZES)]
+    sizes, extra = split_sizes(list(args.sizes or DEFAULT_SIZES))
+    cfg = load_config(args.config_file, extra + list(args.opts or []))
+    sizes = [_parse_size(s) for s in sizes]
     if args.batch_size < 1:
         raise ConfigError("--batch-size must be at least 1")
     return 0 if check_backbone(cfg, sizes, batch_size=args.batch_size, device=args.device, repeats=args.repeats) else 1
 
 
 def register(sub) -> None:
-    from surgdino.cli import add_config_arguments
+    from surgdino.cliutil import add_config_arguments
 
     p = sub.add_parser("check-backbone", help="build the configured backbone alone; print shapes, time, memory, gradient flow",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
