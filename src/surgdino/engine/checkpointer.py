@@ -1,19 +1,22 @@
-"""Checkpoints: one file holds model, optimizer, scheduler, iteration, RNG states and config.
+"""Checkpoints: one file holds model, optimizer, scheduler, iteration, RNG states, hook states and config.
 
 Files are written atomically (temp file, then rename) and a ``last_checkpoint`` text file names the
-newest one (fvcore's convention). ``resume`` restores everything; ``load_weights`` loads model
-weights only, skipping missing, unexpected and mismatched-shape tensors with a log line; besides our
-checkpoints it reads detectron2-style ``.pkl`` files (``{"model": {name: numpy array}}``, as written by
-``surgdino convert convnext --format d2``) and bare ConvNeXt weights (official ImageNet, timm or our
-backbone state dict), which land in ``backbone.*``; a file with an ``"ema"`` entry (trained with
-``MODEL_EMA.ENABLED``) gives its moving-average weights, the ones evaluation used. A corrupt or truncated
-file raises ``CheckpointError``; resuming falls back to the previous good checkpoint.
+newest one (fvcore's convention; a bare file name inside the output folder — anything else is refused).
+``resume`` restores everything; ``load_weights`` loads model weights only, skipping missing, unexpected and
+mismatched-shape tensors with a log line; besides our checkpoints it reads detectron2-style ``.pkl`` files
+(``{"model": {name: numpy array}}``, as written by ``surgdino convert convnext --format d2``) and the weights
+of a bare backbone (official ImageNet ConvNeXt, timm, ours), which the converters backbones register in
+``surgdino.checkpoint_io`` turn into ``backbone.*``; a file with an ``"ema"`` entry (trained with
+``MODEL_EMA.ENABLED``) gives its moving-average weights, the ones evaluation used. Every file is read by
+``surgdino.checkpoint_io`` (weights only, never code); a corrupt or truncated file raises
+``CheckpointError``; resuming falls back to the previous good checkpoint.
 """
 
 from __future__ import annotations
 
+import errno
+import glob
 import os
-import pickle
 import random
 import re
 from typing import Any
@@ -23,12 +26,14 @@ import torch
 from torch import nn
 
 from surgdino import comm
+from surgdino.checkpoint_io import UnsafeCheckpointError, as_tensor, convert_weights, load_file, unwrap_state_dict
 from surgdino.errors import CheckpointError
 from surgdino.log import get_logger
 
 logger = get_logger(__name__)
 
 _PERIODIC = re.compile(r"^model_(\d{7})\.pth$")
+TMP_SUFFIX = ".tmp"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -37,84 +42,77 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to ``path.tmp``, fsync, then rename: a crash never leaves a half-written ``path``."""
+    """``torch.save`` to ``path.tmp<pid>``, fsync, then rename: a crash never leaves a half-written ``path``.
+
+    A failed write (disk full, ...) removes the temp file, keeps the previous ``path`` and raises one
+    ``CheckpointError`` line.
+    """
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _load_pickle(path: str) -> Any:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")  # detectron2 .pkl files may come from Python 2
-
-
-def _load_file(path: str) -> Any:
-    """``.pkl``: plain pickle; otherwise ``torch.load`` (a plain pickle under another name is tried too)."""
-    if path.endswith(".pkl"):
-        return _load_pickle(path)
+    tmp = f"{path}{TMP_SUFFIX}{os.getpid()}"
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:
-        try:
-            return _load_pickle(path)
-        except Exception:
-            pass
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove_quietly(tmp)
+        why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
+        kept = "the previous checkpoint is kept" if os.path.isfile(path) else "nothing was written"
+        raise CheckpointError(f"cannot write {path}: {why} ({kept}); free space in "
+                              f"{os.path.dirname(os.path.abspath(path))} or use another OUTPUT_DIR, then "
+                              "continue with --resume") from None
+    except BaseException:
+        _remove_quietly(tmp)
         raise
 
 
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def remove_stale_temp_files(folder: str) -> list[str]:
+    """Delete the ``*.pth.tmp<pid>`` files a killed write left in ``folder`` (call while holding its lock)."""
+    pattern = os.path.join(glob.escape(folder), f"*.pth{TMP_SUFFIX}*")
+    removed = glob.glob(pattern) + glob.glob(os.path.join(glob.escape(folder), f"last_checkpoint{TMP_SUFFIX}"))
+    for path in removed:
+        _remove_quietly(path)
+    if removed:
+        logger.info("removed %d partial file(s) of an interrupted write: %s", len(removed),
+                    ", ".join(os.path.basename(p) for p in removed))
+    return removed
+
+
 def read_checkpoint(path: str) -> dict[str, Any]:
-    """Load a checkpoint file (``torch.save`` or a detectron2 ``.pkl``) to CPU; ``CheckpointError`` naming
-    the file if missing or unreadable."""
+    """Load a checkpoint file (``torch.save`` or a detectron2 ``.pkl``) to CPU, weights only; ``CheckpointError``
+    naming the file if missing, unreadable or unsafe (``checkpoint_io.UnsafeCheckpointError``)."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a directory; give the checkpoint file inside it (e.g. model_final.pth)")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}; check MODEL.WEIGHTS or the path given")
     try:
-        obj = _load_file(path)
-    except Exception as e:  # truncated zip, pickle garbage, wrong format
-        raise CheckpointError(
-            f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-            "the file is corrupt or truncated — use another checkpoint"
-        ) from None
+        obj = load_file(path)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict or checkpoint dict")
     return obj
 
 
-def _as_tensor(v: Any) -> torch.Tensor | None:
-    if isinstance(v, torch.Tensor):
-        return v
-    if isinstance(v, np.ndarray) and v.dtype != object:
-        return torch.from_numpy(np.ascontiguousarray(v))
-    return None
-
-
 def _state_dict_of(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The model state dict inside a checkpoint, as tensors named like our full model.
 
-    Ours (``model``), detectron2 ``.pkl`` (``model`` of numpy arrays), ``state_dict``/``model_state`` or a
-    bare dict; DDP's ``module.`` prefix removed; bare ConvNeXt weights (official, timm, ours) become
-    ``backbone.*``, and official-layout ``backbone.downsample_layers.*`` names are converted.
+    Wrappers and DDP's ``module.`` go (``checkpoint_io.unwrap_state_dict``); a backbone's own layouts
+    (e.g. bare ConvNeXt weights) are converted by the converters registered in ``checkpoint_io``.
     """
-    from surgdino.modeling.backbone.convnext import convnext_as_model_weights, to_surgdino_convnext
-
-    bare = convnext_as_model_weights(obj)
-    if bare is not None:
-        return bare
-    for key in ("model", "state_dict", "model_state"):
-        if isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    state = {k: t for k, t in ((k, _as_tensor(v)) for k, v in obj.items()) if t is not None}
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    if any(k.startswith("backbone.downsample_layers.") for k in state):  # official ConvNeXt detection names
-        converted, _ = to_surgdino_convnext({k: v for k, v in state.items() if k.startswith("backbone.")})
-        state = {k: v for k, v in state.items() if not k.startswith("backbone.")}
-        state.update({f"backbone.{k}": v for k, v in converted.items()})
-    return state
+    state = unwrap_state_dict(obj)
+    converted = convert_weights(state)
+    if converted is not None:
+        return converted
+    return {k: t for k, t in ((k, as_tensor(v)) for k, v in state.items()) if t is not None}
 
 
 def load_weights(model: nn.Module, path: str, *, prefer_ema: bool = True) -> dict[str, Any]:
@@ -185,6 +183,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
             logger.warning("CUDA RNG state not restored (different number of devices)")
 
 
+def read_last_checkpoint(pointer: str) -> str | None:
+    """The bare file name in a ``last_checkpoint`` file; None (with a warning) when it is unreadable or not
+    UTF-8; a path (absolute, with a folder or ``..``) is refused: it could point outside the output folder."""
+    try:
+        with open(pointer, encoding="utf-8") as f:
+            name = f.read(4096).strip()
+    except (OSError, UnicodeDecodeError) as e:
+        logger.warning("%s: unreadable (%s); looking for the newest model_*.pth instead", pointer, type(e).__name__)
+        return None
+    if not name:
+        return None
+    if name in (".", "..") or os.path.basename(name) != name or "/" in name or "\\" in name or "\0" in name:
+        raise CheckpointError(f"{pointer}: names {name!r}, not a file name inside {os.path.dirname(pointer) or '.'}; "
+                              "refused for safety (it may point outside OUTPUT_DIR); write the name of one of "
+                              "the folder's model_*.pth files into it, or delete it")
+    return name
+
+
 class Checkpointer:
     """Saves and restores training state under ``save_dir``; only rank 0 writes files.
 
@@ -252,20 +268,22 @@ class Checkpointer:
         """The file named by ``last_checkpoint`` (or the newest periodic one), if any."""
         pointer = os.path.join(self.save_dir, "last_checkpoint")
         if os.path.isfile(pointer):
-            with open(pointer) as f:
-                name = f.read().strip()
-            path = os.path.join(self.save_dir, name)
-            if os.path.isfile(path):
+            name = read_last_checkpoint(pointer)
+            path = os.path.join(self.save_dir, name) if name else ""
+            if name and os.path.isfile(path):
                 return path
         periodic = self.periodic_checkpoints()
         return periodic[-1] if periodic else None
 
     def _candidates(self) -> list[str]:
-        """Resume candidates, newest first: the pointer's file, then periodic ones by iteration."""
+        """Resume candidates, newest first: the pointer's file, ``model_final.pth``, then periodic ones by iteration."""
         out: list[str] = []
         last = self.last_checkpoint()
         if last:
             out.append(last)
+        final = os.path.join(self.save_dir, "model_final.pth")
+        if os.path.isfile(final) and final not in out:
+            out.append(final)
         out += [p for p in reversed(self.periodic_checkpoints()) if p not in out]
         return out
 
@@ -280,6 +298,8 @@ class Checkpointer:
                 obj = read_checkpoint(path)
                 if "iteration" not in obj or "model" not in obj:
                     raise CheckpointError(f"{path}: not a training checkpoint (no iteration/model entries)")
+            except UnsafeCheckpointError:
+                raise  # a planted file: stop, do not quietly resume from an older one
             except CheckpointError as e:
                 logger.warning("%s; trying the previous checkpoint", e)
                 continue
