@@ -5,8 +5,8 @@ name a file inside the output folder."""
 from __future__ import annotations
 
 import os
-import re
 import pickle
+import re
 
 import pytest
 import torch

@@ -26,7 +26,13 @@ import torch
 from torch import nn
 
 from surgdino import comm
-from surgdino.checkpoint_io import UnsafeCheckpointError, as_tensor, convert_weights, load_file, unwrap_state_dict
+from surgdino.checkpoint_io import (
+    UnsafeCheckpointError,
+    as_tensor,
+    convert_weights,
+    load_file,
+    unwrap_state_dict,
+)
 from surgdino.errors import CheckpointError
 from surgdino.log import get_logger
 
