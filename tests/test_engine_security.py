@@ -118,7 +118,7 @@ def test_last_checkpoint_not_utf8_falls_back(tmp_path):
 
 
 def test_predict_and_eval_only_refuse_payload(tmp_path):
-    from surgdino.engine.defaults import eval_only
+    from surgdino.engine.run import eval_only
     from surgdino.engine.predictor import Predictor
 
     path, marker = _evil(tmp_path, "w.pth", around={"model": EngineTestNet().state_dict()})

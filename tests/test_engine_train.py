@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from test_engine_helpers import EngineTestNet, FakeDataTrainer, losses_of, tiny_cfg
+from test_engine_helpers import EngineTestNet, FakeDataTrainer, captured_log, losses_of, tiny_cfg
 
 from surgdino.engine.checkpointer import Checkpointer, load_weights
 from surgdino.engine.optimizer import WarmupSchedule, build_lr_scheduler, build_optimizer, scale_config
@@ -81,19 +81,13 @@ def test_corrupt_checkpoint_errors_and_resume_falls_back(tmp_path):
     assert state is not None and state["iteration"] == 4 and state["path"].endswith("model_0000004.pth")
 
 
-def test_weights_only_skips_shape_mismatch(tmp_path, caplog):
+def test_weights_only_skips_shape_mismatch(tmp_path):
     src = EngineTestNet(num_classes=3)
     torch.save({"model": src.state_dict(), "thing_classes": ["a", "b", "c"]}, tmp_path / "w.pth")
     dst = EngineTestNet(num_classes=5)  # a bigger class head over a smaller checkpoint
     head_before = dst.head.weight.clone()
-    import logging
-
-    logging.getLogger("surgdino").propagate = True
-    try:
-        with caplog.at_level("INFO", logger="surgdino"):
-            extra = load_weights(dst, str(tmp_path / "w.pth"))
-    finally:
-        logging.getLogger("surgdino").propagate = False
+    with captured_log() as caplog:
+        extra = load_weights(dst, str(tmp_path / "w.pth"))
     assert extra["thing_classes"] == ["a", "b", "c"]
     assert torch.equal(dst.backbone[0].weight, src.backbone[0].weight)
     assert torch.equal(dst.head.weight, head_before)

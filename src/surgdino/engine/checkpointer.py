@@ -19,7 +19,8 @@ import glob
 import os
 import random
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -47,8 +48,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to ``path.tmp<pid>``, fsync, then rename: a crash never leaves a half-written ``path``.
+def atomic_write(path: str, write: Callable[[IO[Any]], None], *, mode: str = "wb") -> None:
+    """``write(f)`` into ``path.tmp<pid>``, fsync, then rename: a crash never leaves a half-written ``path``.
 
     A failed write (disk full, ...) removes the temp file, keeps the previous ``path`` and raises one
     ``CheckpointError`` line.
@@ -56,21 +57,26 @@ def atomic_save(obj: Any, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     tmp = f"{path}{TMP_SUFFIX}{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        with open(tmp, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         _remove_quietly(tmp)
         why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
-        kept = "the previous checkpoint is kept" if os.path.isfile(path) else "nothing was written"
+        kept = "the previous file is kept" if os.path.isfile(path) else "nothing was written"
         raise CheckpointError(f"cannot write {path}: {why} ({kept}); free space in "
                               f"{os.path.dirname(os.path.abspath(path))} or use another OUTPUT_DIR, then "
                               "continue with --resume") from None
     except BaseException:
         _remove_quietly(tmp)
         raise
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save(obj)`` to ``path`` through ``atomic_write``."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _remove_quietly(path: str) -> None:
@@ -83,7 +89,7 @@ def _remove_quietly(path: str) -> None:
 def remove_stale_temp_files(folder: str) -> list[str]:
     """Delete the ``*.pth.tmp<pid>`` files a killed write left in ``folder`` (call while holding its lock)."""
     pattern = os.path.join(glob.escape(folder), f"*.pth{TMP_SUFFIX}*")
-    removed = glob.glob(pattern) + glob.glob(os.path.join(glob.escape(folder), f"last_checkpoint{TMP_SUFFIX}"))
+    removed = glob.glob(pattern) + glob.glob(os.path.join(glob.escape(folder), f"last_checkpoint{TMP_SUFFIX}*"))
     for path in removed:
         _remove_quietly(path)
     if removed:
@@ -222,6 +228,7 @@ class Checkpointer:
         self.scheduler = scheduler
         self.scaler = scaler
         self.max_to_keep = max_to_keep
+        self.extra_state: Callable[[], dict[str, Any]] | None = None  # e.g. the trainer's hook states
 
     # ------------------------------------------------------------------ saving
     def save(self, name: str, *, update_last: bool = True, **extra: Any) -> str | None:
@@ -232,7 +239,8 @@ class Checkpointer:
         rng = comm.gather(get_rng_state())
         if not comm.is_main_process():
             return None
-        data: dict[str, Any] = {"model": unwrap(self.model).state_dict(), "rng": rng, **extra}
+        data: dict[str, Any] = {"model": unwrap(self.model).state_dict(), "rng": rng,
+                                **(self.extra_state() if self.extra_state is not None else {}), **extra}
         if self.optimizer is not None:
             data["optimizer"] = self.optimizer.state_dict()
         if self.scheduler is not None:
@@ -250,10 +258,7 @@ class Checkpointer:
         return path
 
     def _write_last(self, basename: str) -> None:
-        tmp = os.path.join(self.save_dir, "last_checkpoint.tmp")
-        with open(tmp, "w") as f:
-            f.write(basename)
-        os.replace(tmp, os.path.join(self.save_dir, "last_checkpoint"))
+        atomic_write(os.path.join(self.save_dir, "last_checkpoint"), lambda f: f.write(basename), mode="w")
 
     def _prune(self) -> None:
         if self.max_to_keep <= 0:
@@ -294,12 +299,18 @@ class Checkpointer:
         return out
 
     # ------------------------------------------------------------------ loading
-    def resume(self) -> dict[str, Any] | None:
-        """Restore full state from the newest readable checkpoint; ``None`` if there is none.
+    def resume(self) -> dict[str, Any]:
+        """Restore full state from the newest readable checkpoint.
 
-        A corrupt or truncated file is reported and the previous one is tried.
+        A corrupt or truncated file is reported and the previous one is tried; no checkpoint at all, or none
+        readable, is a ``CheckpointError`` (``--resume`` never silently starts over), and so is one whose
+        tensors do not fit the model (a changed config).
         """
-        for path in self._candidates():
+        candidates = self._candidates()
+        if not candidates:
+            raise CheckpointError(f"--resume: no checkpoint in {self.save_dir} (no last_checkpoint, model_final.pth "
+                                  "or model_*.pth); check OUTPUT_DIR, or leave out --resume to start a new run")
+        for path in candidates:
             try:
                 obj = read_checkpoint(path)
                 if "iteration" not in obj or "model" not in obj:
@@ -309,11 +320,32 @@ class Checkpointer:
             except CheckpointError as e:
                 logger.warning("%s; trying the previous checkpoint", e)
                 continue
+            self._check_fits(obj, path)
             self._restore(obj)
             logger.info("resumed from %s at iteration %d", path, obj["iteration"])
             obj["path"] = path
             return obj
-        return None
+        raise CheckpointError(f"--resume: none of the {len(candidates)} checkpoint(s) in {self.save_dir} can be read "
+                              "(see the warnings above); leave out --resume and set MODEL.WEIGHTS to a good file, "
+                              "or start a new OUTPUT_DIR")
+
+    def _check_fits(self, obj: dict[str, Any], path: str) -> None:
+        """One clear error when the checkpoint's model does not match the configured one."""
+        own = unwrap(self.model).state_dict()
+        theirs = obj["model"]
+        mismatched = [f"{k} {tuple(v.shape)} in the checkpoint vs {tuple(own[k].shape)} in the model"
+                      for k, v in theirs.items() if k in own and hasattr(v, "shape") and v.shape != own[k].shape]
+        missing = sorted(set(own) - set(theirs))
+        unexpected = sorted(set(theirs) - set(own))
+        if not (mismatched or missing or unexpected):
+            return
+        what = (f"{len(mismatched)} tensor shape(s) differ, e.g. {mismatched[0]}" if mismatched else
+                f"{len(missing)} missing / {len(unexpected)} unexpected tensors, e.g. "
+                f"{(missing or unexpected)[0]}")
+        raise CheckpointError(
+            f"--resume: {path} does not fit the configured model ({what}); resume with the run's own config "
+            f"({os.path.join(self.save_dir, 'config.yaml')}) and the same overrides, or start a new OUTPUT_DIR "
+            "with MODEL.WEIGHTS pointing at this file (weights only, mismatches skipped)")
 
     def restore_ema(self, obj: dict[str, Any]) -> None:
         """The EMA state of a training checkpoint; one without (trained with EMA off) restarts the average
