@@ -66,7 +66,8 @@ def default_setup(cfg: Config, *, tag: str = "train", save: bool = True) -> None
         root.addHandler(fh)
         if save:
             save_config(cfg, os.path.join(out, "config.yaml"))
-        logger.info("%s: output in %s (config.yaml, log.txt, metrics.jsonl, checkpoints)", tag, os.path.abspath(out))
+        files = "config.yaml, log.txt, metrics.jsonl, checkpoints" if tag == "train" else "config.yaml, log.txt, inference/"
+        logger.info("%s: output in %s (%s)", tag, os.path.abspath(out), files)
     else:
         root.setLevel(logging.WARNING)
     logger.info("rank %d/%d, torch %s", comm.get_rank(), comm.get_world_size(), torch.__version__)
