@@ -241,6 +241,38 @@ def test_signal_saves_the_current_iteration_and_resume_repeats(tmp_path, sig):
         assert b[it] == pytest.approx(a[it], rel=1e-6, abs=1e-7), it
 
 
+def test_ctrl_c_with_loader_workers_saves_and_resumes(data, tmp_path, capsys, monkeypatch):
+    """Ctrl-C reaches every process of the terminal's group: the data-loading worker ignores it, the trainer
+    saves the current iteration and stops with one line; --resume finishes the run."""
+    import multiprocessing
+
+    from surgdino.engine.defaults import Trainer
+
+    class CtrlC(HookBase):
+        def after_step(self):
+            if self.trainer.iter + 1 == 3:
+                for p in multiprocessing.active_children():
+                    os.kill(p.pid, signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+
+    build = Trainer.build_hooks
+
+    def with_ctrl_c(self):
+        hooks = build(self)
+        return hooks[:1] + [CtrlC()] + hooks[1:]
+
+    out = tmp_path / "run"
+    args = ["train", "--config-file", data["yaml"], "OUTPUT_DIR", str(out), "DATALOADER.NUM_WORKERS", "1",
+            "SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "0"]
+    monkeypatch.setattr(Trainer, "build_hooks", with_ctrl_c)
+    rc, _, err = _run(args, capsys)
+    assert rc == 2 and len(err) == 1, err
+    assert "stopped by SIGINT after iteration 3" in err[0] and "model_0000003.pth" in err[0] and "--resume" in err[0]
+    monkeypatch.setattr(Trainer, "build_hooks", build)
+    assert _run([*args, "--resume"], capsys)[0] == 0
+    assert sorted(losses_of(str(out))) == [1, 2, 3, 4, 5, 6]
+
+
 class _ScriptedEval(FakeDataTrainer):
     """Evaluation results by iteration: best at 2, worse at 4."""
 

@@ -118,8 +118,8 @@ def test_last_checkpoint_not_utf8_falls_back(tmp_path):
 
 
 def test_predict_and_eval_only_refuse_payload(tmp_path):
-    from surgdino.engine.run import eval_only
     from surgdino.engine.predictor import Predictor
+    from surgdino.engine.run import eval_only
 
     path, marker = _evil(tmp_path, "w.pth", around={"model": EngineTestNet().state_dict()})
     cfg = tiny_cfg(str(tmp_path / "o"), **{"MODEL.WEIGHTS": path, "DATASETS.TEST": "['none']"})

@@ -198,7 +198,8 @@ class Trainer:
         self.checkpointer.scaler = self.trainer.scaler
         if ckpt is not None and self.trainer.scaler is not None and "scaler" in ckpt:
             self.trainer.scaler.load_state_dict(ckpt["scaler"])
-        _ = self.trainer.data_iter  # create the iterator before the RNG streams are set
+        with H.signals_ignored():  # loader workers ignore Ctrl-C/SIGTERM: the trainer saves and stops
+            _ = self.trainer.data_iter  # create the iterator before the RNG streams are set
         if rng:
             set_rng_state(rng[comm.get_rank() % len(rng)])
         else:
