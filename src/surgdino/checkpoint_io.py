@@ -171,8 +171,9 @@ def unwrap_state_dict(obj: Mapping[str, Any], keys: tuple[str, ...] = _WRAPPERS)
                 break
         else:
             break
-    if state and all(isinstance(k, str) and k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+    arrays = [k for k, v in state.items() if hasattr(v, "shape")]
+    if arrays and all(isinstance(k, str) and k.startswith("module.") for k in arrays):
+        state = {(k[len("module."):] if k in arrays else k): v for k, v in state.items()}
     return dict(state)
 
 

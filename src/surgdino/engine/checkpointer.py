@@ -321,7 +321,13 @@ class Checkpointer:
                 logger.warning("%s; trying the previous checkpoint", e)
                 continue
             self._check_fits(obj, path)
-            self._restore(obj)
+            try:
+                self._restore(obj)
+            except (RuntimeError, ValueError, KeyError, TypeError) as e:  # optimizer groups, schedule, ...
+                raise CheckpointError(
+                    f"--resume: {path} does not fit this run's optimizer/schedule ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:160] if str(e) else ''}); resume with the run's own config "
+                    f"({os.path.join(self.save_dir, 'config.yaml')}) or start a new OUTPUT_DIR") from None
             logger.info("resumed from %s at iteration %d", path, obj["iteration"])
             obj["path"] = path
             return obj

@@ -7,6 +7,7 @@ import re
 from collections import defaultdict, deque
 from typing import Any
 
+from surgdino.errors import SurgDinoError
 from surgdino.log import get_logger
 
 logger = get_logger(__name__)
@@ -69,8 +70,12 @@ class JSONWriter:
         self._f = open(path, "a", encoding="utf-8")
 
     def write(self, iteration: int, scalars: dict[str, float]) -> None:
-        self._f.write(json.dumps({"iter": iteration, **scalars}, sort_keys=True) + "\n")
-        self._f.flush()
+        try:
+            self._f.write(json.dumps({"iter": iteration, **scalars}, sort_keys=True) + "\n")
+            self._f.flush()
+        except OSError as e:  # a full disk: one line, the checkpoints so far are intact
+            raise SurgDinoError(f"cannot write {self.path}: {e.strerror or e}; free space or use another "
+                                "OUTPUT_DIR, then continue with --resume") from None
 
     def close(self) -> None:
         self._f.close()
