@@ -149,3 +149,25 @@ def test_cli_predict_and_convert_refuse_payload_in_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "refused for safety" in err[0] and file in err[0], err
         assert not os.path.exists(mark)
+
+
+def test_no_unsafe_load_anywhere_in_the_source():
+    """Every ``torch.load`` in the package passes ``weights_only=True``; ``pickle.load(s)`` / ``Unpickler`` appear
+    only in ``checkpoint_io`` (the restricted unpickler)."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "src" / "surgdino"
+    bad = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call):
+                continue
+            name = ast.unparse(node.func)
+            if name.endswith("torch.load"):
+                kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                if kw.get("weights_only") != "True":
+                    bad.append(f"{path.relative_to(root)}:{node.lineno} {ast.unparse(node)}")
+            if name in ("pickle.load", "pickle.loads", "pickle.Unpickler") and path.name != "checkpoint_io.py":
+                bad.append(f"{path.relative_to(root)}:{node.lineno} {ast.unparse(node)}")
+    assert not bad, "unsafe loading:\n" + "\n".join(bad)
