@@ -76,6 +76,11 @@ def test_d2_pkl_with_numpy_arrays_loads(tmp_path):
         dst = EngineTestNet()
         load_weights(dst, str(path))
         assert torch.equal(dst.head.weight, src.head.weight)
+        renamed = tmp_path / "d2_pickle_named.pth"  # a .pkl under another name: same restricted unpickler
+        renamed.write_bytes(path.read_bytes())
+        dst = EngineTestNet()
+        load_weights(dst, str(renamed))
+        assert torch.equal(dst.head.weight, src.head.weight)
 
 
 def test_resume_refuses_planted_checkpoint(tmp_path):

@@ -121,3 +121,26 @@ def test_gradient_accumulation_equals_large_batch(tmp_path, monkeypatch):
 def test_amp_turned_off_on_cpu_with_reason(tmp_path):
     trainer = FakeDataTrainer(tiny_cfg(str(tmp_path), **{"SOLVER.AMP.ENABLED": True}))
     assert trainer.trainer.amp_dtype is None and trainer.trainer.scaler is None
+
+
+def test_device_resolution_is_one_function_and_never_falls_back():
+    """MODEL.DEVICE, check-backbone --device and the SurgeryCLIP builder's args.device resolve alike; a device
+    that is not there is an error naming the setting, not a silent CPU run."""
+    from surgdino.device import resolve_device
+    from surgdino.engine.defaults import resolve_device as from_config
+    from surgdino.errors import ConfigError
+    from surgdino.modeling.backbone.cli import _device as check_backbone_device
+    from surgdino.modeling.backbone.surgeryclip_backbone import _resolve_device as surgeryclip_device
+
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last device (cuda:0 without CUDA)
+    for resolve, key in [(lambda d: resolve_device(d), "MODEL.DEVICE"), (check_backbone_device, "--device"),
+                         (surgeryclip_device, "args.device")]:
+        assert resolve("cpu") == torch.device("cpu")
+        assert resolve("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+        with pytest.raises(ConfigError, match=key):
+            resolve(missing)
+        with pytest.raises(ConfigError, match="not a device"):
+            resolve("gpu0")
+    cfg = tiny_cfg("/tmp/unused", **{"MODEL.DEVICE": missing})
+    with pytest.raises(ConfigError, match="MODEL.DEVICE"):
+        from_config(cfg)
