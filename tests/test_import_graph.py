@@ -37,7 +37,7 @@ LAYERS: dict[str, int] = {
     "surgdino.modeling": 3,
     "surgdino.data": 4, "surgdino.visualize": 4,
     "surgdino.evaluation": 5,
-    "surgdino.engine": 6, "surgdino.tools": 6,
+    "surgdino.engine": 6, "surgdino.tools": 6, "surgdino.deploy": 6,
     "surgdino.cli": 8, "surgdino.__main__": 8, "surgdino": 8,
 }
 CLI_LAYER = 7  # every package's cli.py
