@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     from surgdino.data.synthetic import generate_synthetic_dataset
-    from surgdino.engine.cli import train_main
+    from surgdino.engine.run import train_main
 
     work = args.work_dir or tempfile.mkdtemp(prefix="surgdino_quality_")
     data = os.path.join(work, "data")

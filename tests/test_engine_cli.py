@@ -64,13 +64,14 @@ def test_cli_train_eval_predict(data, tmp_path, capsys):
     assert main(["train", "--config-file", data["yaml"], "--eval-only", "OUTPUT_DIR", str(tmp_path / "ev"),
                  "MODEL.WEIGHTS", str(out / "model_final.pth")]) == 0
     printed = capsys.readouterr().out
-    assert "AP50" in printed and "Per-class segm AP" in printed
-    assert json.loads((tmp_path / "ev" / "inference" / "engcli_val" / "results.json").read_text())["segm"]
+    assert "AP50" in printed and printed.count("Per-class segm AP") == 1  # the tables once, at the end
+    (ev,) = (tmp_path / "ev").glob("eval_model_final_*")  # evaluation writes into its own subfolder
+    assert json.loads((ev / "inference" / "engcli_val" / "results.json").read_text())["segm"]
 
     assert main(["train", "--config-file", data["yaml"], "--eval-only", "OUTPUT_DIR", str(tmp_path / "tta"),
                  "MODEL.WEIGHTS", str(out / "model_final.pth"), "TEST.AUG.ENABLED", "True",
                  "TEST.AUG.MIN_SIZES", "[48, 64]", "TEST.AUG.MAX_SIZE", "100"]) == 0
-    assert "test-time augmentation" in (tmp_path / "tta" / "log.txt").read_text()
+    assert "test-time augmentation" in next((tmp_path / "tta").glob("eval_*/log.txt")).read_text()
 
     pred = tmp_path / "pred"
     assert main(["predict", "--config-file", data["yaml"], "MODEL.WEIGHTS", str(out / "model_final.pth"),

@@ -2,21 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 
-import pytest
-
 from surgdino.cli import main
-from surgdino.registry import META_ARCH_REGISTRY
-
-
-def _maskdino_available() -> bool:
-    try:
-        importlib.import_module("surgdino.modeling.maskdino.model")
-    except ModuleNotFoundError:
-        return False
-    return "MaskDINO" in META_ARCH_REGISTRY
 
 
 def test_demo_config_is_packaged_and_valid():
@@ -44,17 +32,39 @@ def test_demo_config_fits_demo_data():
     assert DEMO_DATA["instances_per_image"][1] <= cfg.TEST.DETECTIONS_PER_IMAGE
 
 
-@pytest.mark.skipif(not _maskdino_available(), reason="MaskDINO meta-architecture not available yet")
+def test_demo_checkpoints_regularly():
+    from surgdino.engine.demo import DEMO_DATA, demo_config, demo_dataset_paths
+
+    cfg = demo_config("/tmp/x", demo_dataset_paths("/tmp/d", DEMO_DATA))
+    assert 0 < cfg.SOLVER.CHECKPOINT_PERIOD <= 100 < cfg.SOLVER.MAX_ITER and cfg.SOLVER.MAX_TO_KEEP == 1
+
+
 def test_demo_quick(tmp_path, capsys):
     out, data = tmp_path / "demo", tmp_path / "data"
-    assert main(["demo", "--quick", "--output", str(out), "--data-root", str(data)]) == 0
+    args = ["demo", "--quick", "--output", str(out), "--data-root", str(data)]
+    assert main(args) == 0
     printed = capsys.readouterr().out
     assert "SurgDINO demo: DI-MaskDINO" in printed and "outputs in" in printed
     assert "time:" in printed and "mask AP50" in printed and "box AP" in printed  # the summary
-    for f in ("model_final.pth", "config.yaml", "metrics.jsonl", "log.txt"):
+    assert printed.count("Per-class segm AP") == 1 and printed.count("AP75") == 1  # the tables once
+    for f in ("model_final.pth", "config.yaml", "metrics.jsonl", "log.txt", "model_0000002.pth"):
         assert (out / f).is_file(), f
     assert (out / "inference" / "demo_trays_val" / "results.json").is_file()
     assert len([n for n in os.listdir(out / "predictions") if n.endswith(".png")]) == 4
     assert (out / "predictions" / "coco_results.json").is_file()
     # a second run reuses the generated dataset
     assert len(os.listdir(data)) == 1
+
+    # the finished demo is not replaced silently; an interrupted one continues with --resume
+    final = (out / "model_final.pth").read_bytes()
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--resume" in err[0] and "--overwrite" in err[0] and "--output" in err[0], err
+    assert (out / "model_final.pth").read_bytes() == final
+    (out / "model_final.pth").unlink()  # as if stopped after the checkpoint at 2
+    (out / "last_checkpoint").write_text("model_0000002.pth")
+    assert main([*args, "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "resumed from" in (out / "log.txt").read_text() and "mask AP50" in printed
+    assert (out / "model_final.pth").is_file()

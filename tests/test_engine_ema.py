@@ -3,11 +3,9 @@ accumulated steps, checkpoint/resume equality, evaluation and weight loading wit
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
-from test_engine_helpers import EngineTestNet, FakeDataTrainer, tiny_cfg
+from test_engine_helpers import EngineTestNet, FakeDataTrainer, captured_log, tiny_cfg
 from torch import nn
 
 from surgdino.engine import hooks as H
@@ -154,20 +152,16 @@ class _EvalTrainer(FakeDataTrainer):
         return {"segm": {"AP": 100.0 - len(cls.seen)}}
 
 
-def test_evaluation_uses_ema_and_checkpoints_keep_both(tmp_path, caplog):
+def test_evaluation_uses_ema_and_checkpoints_keep_both(tmp_path):
     _EvalTrainer.seen = []
     cfg = tiny_cfg(str(tmp_path), **EMA_ON, **{"SOLVER.MAX_ITER": 6, "TEST.EVAL_PERIOD": 3,
                                                "SOLVER.CHECKPOINT_PERIOD": 0, "DATASETS.TEST": "['none']"})
     trainer = _EvalTrainer(cfg)
     assert any(isinstance(h, H.EvalHook) for h in trainer.trainer._hooks)
-    logging.getLogger("surgdino").propagate = True
-    try:
-        with caplog.at_level("INFO", logger="surgdino"):
-            trainer.train()
-    finally:
-        logging.getLogger("surgdino").propagate = False
+    with captured_log() as log:
+        trainer.train()
     assert len(_EvalTrainer.seen) == 2  # iterations 3 and 6
-    assert caplog.text.count("evaluating with the EMA weights") == 1
+    assert log.text.count("evaluating with the EMA weights") == 1
     model = trainer.trainer.model
     assert torch.equal(_EvalTrainer.seen[-1], trainer.ema.state["head.weight"])  # the final evaluation
     assert not torch.equal(model.head.weight, trainer.ema.state["head.weight"])  # training weights are back
@@ -181,14 +175,10 @@ def test_evaluation_uses_ema_and_checkpoints_keep_both(tmp_path, caplog):
     # eval-only and predict load the weights that were evaluated
     from surgdino.engine.predictor import Predictor
 
-    with caplog.at_level("INFO", logger="surgdino"):
-        logging.getLogger("surgdino").propagate = True
-        try:
-            pred = Predictor(cfg.merge({"MODEL.WEIGHTS": str(tmp_path / "model_final.pth")}))
-        finally:
-            logging.getLogger("surgdino").propagate = False
+    with captured_log() as log:
+        pred = Predictor(cfg.merge({"MODEL.WEIGHTS": str(tmp_path / "model_final.pth")}))
     assert torch.equal(pred.model.head.weight, trainer.ema.state["head.weight"])
-    assert "loading its EMA weights" in caplog.text
+    assert log.text.count("loading its EMA weights") == 1
 
 
 def test_load_weights_prefers_ema(tmp_path):
@@ -206,7 +196,7 @@ def test_load_weights_prefers_ema(tmp_path):
 def test_ema_off_by_default_writes_no_ema(tmp_path):
     trainer = FakeDataTrainer(tiny_cfg(str(tmp_path), **{"SOLVER.MAX_ITER": 2}))
     trainer.train()
-    assert trainer.ema is None and trainer.trainer.ema is None
+    assert trainer.ema is None and not any(isinstance(h, H.EMAHook) for h in trainer.trainer._hooks)
     assert "ema" not in torch.load(tmp_path / "model_final.pth", weights_only=False)
 
 

@@ -7,6 +7,8 @@ training forward draws random noise, so resume tests also check the RNG state.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 
 import torch
@@ -18,6 +20,36 @@ from surgdino.engine.defaults import Trainer
 from surgdino.registry import META_ARCH_REGISTRY
 
 NAME = "EngineTestNet"
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+@contextlib.contextmanager
+def captured_log():
+    """Messages of the ``surgdino`` loggers, collected by a handler of our own on the package logger: each
+    record exactly once whatever pytest's ``caplog`` does (pytest 9.2 captured every record twice when the
+    package logger propagated to its handler). Use ``.text`` / ``.lines``."""
+    root = logging.getLogger("surgdino")
+    handler = _Collect()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
 
 
 class EngineTestNet(nn.Module):

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from test_engine_helpers import EngineTestNet, FakeDataTrainer, losses_of, tiny_cfg
+from test_engine_helpers import EngineTestNet, FakeDataTrainer, captured_log, losses_of, tiny_cfg
 
 from surgdino.engine.checkpointer import Checkpointer, load_weights
 from surgdino.engine.optimizer import WarmupSchedule, build_lr_scheduler, build_optimizer, scale_config
@@ -81,19 +81,13 @@ def test_corrupt_checkpoint_errors_and_resume_falls_back(tmp_path):
     assert state is not None and state["iteration"] == 4 and state["path"].endswith("model_0000004.pth")
 
 
-def test_weights_only_skips_shape_mismatch(tmp_path, caplog):
+def test_weights_only_skips_shape_mismatch(tmp_path):
     src = EngineTestNet(num_classes=3)
     torch.save({"model": src.state_dict(), "thing_classes": ["a", "b", "c"]}, tmp_path / "w.pth")
     dst = EngineTestNet(num_classes=5)  # a bigger class head over a smaller checkpoint
     head_before = dst.head.weight.clone()
-    import logging
-
-    logging.getLogger("surgdino").propagate = True
-    try:
-        with caplog.at_level("INFO", logger="surgdino"):
-            extra = load_weights(dst, str(tmp_path / "w.pth"))
-    finally:
-        logging.getLogger("surgdino").propagate = False
+    with captured_log() as caplog:
+        extra = load_weights(dst, str(tmp_path / "w.pth"))
     assert extra["thing_classes"] == ["a", "b", "c"]
     assert torch.equal(dst.backbone[0].weight, src.backbone[0].weight)
     assert torch.equal(dst.head.weight, head_before)
@@ -127,3 +121,26 @@ def test_gradient_accumulation_equals_large_batch(tmp_path, monkeypatch):
 def test_amp_turned_off_on_cpu_with_reason(tmp_path):
     trainer = FakeDataTrainer(tiny_cfg(str(tmp_path), **{"SOLVER.AMP.ENABLED": True}))
     assert trainer.trainer.amp_dtype is None and trainer.trainer.scaler is None
+
+
+def test_device_resolution_is_one_function_and_never_falls_back():
+    """MODEL.DEVICE, check-backbone --device and the SurgeryCLIP builder's args.device resolve alike; a device
+    that is not there is an error naming the setting, not a silent CPU run."""
+    from surgdino.device import resolve_device
+    from surgdino.engine.defaults import resolve_device as from_config
+    from surgdino.errors import ConfigError
+    from surgdino.modeling.backbone.cli import _device as check_backbone_device
+    from surgdino.modeling.backbone.surgeryclip_backbone import _resolve_device as surgeryclip_device
+
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last device (cuda:0 without CUDA)
+    for resolve, key in [(lambda d: resolve_device(d), "MODEL.DEVICE"), (check_backbone_device, "--device"),
+                         (surgeryclip_device, "args.device")]:
+        assert resolve("cpu") == torch.device("cpu")
+        assert resolve("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+        with pytest.raises(ConfigError, match=key):
+            resolve(missing)
+        with pytest.raises(ConfigError, match="not a device"):
+            resolve("gpu0")
+    cfg = tiny_cfg("/tmp/unused", **{"MODEL.DEVICE": missing})
+    with pytest.raises(ConfigError, match="MODEL.DEVICE"):
+        from_config(cfg)

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from surgdino.config.validate import normalize_dataset_item, validate
 from surgdino.errors import ConfigError
 
 # Types a key may have. ``list[...]`` values accept YAML lists and detectron2-style tuple strings.
@@ -389,22 +390,6 @@ def _read_yaml(path: str, chain: tuple[str, ...] = ()) -> dict[str, Any]:
     return flat
 
 
-# DATASETS.REGISTER fields and the other spellings accepted for them (any case).
-DATASET_FIELDS = {"name": ("name",), "json_file": ("json_file", "json"), "image_root": ("image_root",)}
-
-
-def normalize_dataset_item(item: Any) -> Any:
-    """``{NAME, JSON, IMAGE_ROOT}`` (the README's spelling) and ``{name, json_file, image_root}`` are the
-    same item; fields are returned in the lowercase spelling. Unknown fields are kept (validation names them)."""
-    if not isinstance(item, Mapping):
-        return item
-    spellings = {alias: field for field, aliases in DATASET_FIELDS.items() for alias in aliases}
-    out: dict[str, Any] = {}
-    for k, v in item.items():
-        out[spellings.get(str(k).lower(), k)] = v
-    return out
-
-
 def _resolve_paths(item: Any, base: str) -> Any:
     """Dataset paths in a config file are relative to that file."""
     if not isinstance(item, Mapping):
@@ -440,8 +425,6 @@ def load_config(config_file: str | None = None, opts: list[str] | None = None) -
     items = [normalize_dataset_item(item) for item in cfg.DATASETS.REGISTER]
     if items != cfg.DATASETS.REGISTER:  # given on the command line in the other spelling
         cfg = cfg.merge({"DATASETS.REGISTER": items})
-    from surgdino.config.validate import validate
-
     validate(cfg)
     return cfg
 

@@ -4,9 +4,29 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
-from surgdino.config.core import DATASET_FIELDS, Config
 from surgdino.errors import ConfigError
+
+if TYPE_CHECKING:
+    from surgdino.config.core import Config
+
+# DATASETS.REGISTER fields and the other spellings accepted for them (any case).
+DATASET_FIELDS = {"name": ("name",), "json_file": ("json_file", "json"), "image_root": ("image_root",)}
+
+
+def normalize_dataset_item(item: Any) -> Any:
+    """``{NAME, JSON, IMAGE_ROOT}`` (the README's spelling) and ``{name, json_file, image_root}`` are the
+    same item; fields are returned in the lowercase spelling. Unknown fields are kept (validation names them)."""
+    if not isinstance(item, Mapping):
+        return item
+    spellings = {alias: field for field, aliases in DATASET_FIELDS.items() for alias in aliases}
+    out: dict[str, Any] = {}
+    for k, v in item.items():
+        out[spellings.get(str(k).lower(), k)] = v
+    return out
+
 
 
 def validate(cfg: Config) -> None:

@@ -1,34 +1,46 @@
-"""Checkpoints: one file holds model, optimizer, scheduler, iteration, RNG states and config.
+"""Checkpoints: one file holds model, optimizer, scheduler, iteration, RNG states, hook states and config.
 
 Files are written atomically (temp file, then rename) and a ``last_checkpoint`` text file names the
-newest one (fvcore's convention). ``resume`` restores everything; ``load_weights`` loads model
-weights only, skipping missing, unexpected and mismatched-shape tensors with a log line; besides our
-checkpoints it reads detectron2-style ``.pkl`` files (``{"model": {name: numpy array}}``, as written by
-``surgdino convert convnext --format d2``) and bare ConvNeXt weights (official ImageNet, timm or our
-backbone state dict), which land in ``backbone.*``; a file with an ``"ema"`` entry (trained with
-``MODEL_EMA.ENABLED``) gives its moving-average weights, the ones evaluation used. A corrupt or truncated
-file raises ``CheckpointError``; resuming falls back to the previous good checkpoint.
+newest one (fvcore's convention; a bare file name inside the output folder — anything else is refused).
+``resume`` restores everything; ``load_weights`` loads model weights only, skipping missing, unexpected and
+mismatched-shape tensors with a log line; besides our checkpoints it reads detectron2-style ``.pkl`` files
+(``{"model": {name: numpy array}}``, as written by ``surgdino convert convnext --format d2``) and the weights
+of a bare backbone (official ImageNet ConvNeXt, timm, ours), which the converters backbones register in
+``surgdino.checkpoint_io`` turn into ``backbone.*``; a file with an ``"ema"`` entry (trained with
+``MODEL_EMA.ENABLED``) gives its moving-average weights, the ones evaluation used. Every file is read by
+``surgdino.checkpoint_io`` (weights only, never code); a corrupt or truncated file raises
+``CheckpointError``; resuming falls back to the previous good checkpoint.
 """
 
 from __future__ import annotations
 
+import errno
+import glob
 import os
-import pickle
 import random
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import IO, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from surgdino import comm
+from surgdino.checkpoint_io import (
+    UnsafeCheckpointError,
+    as_tensor,
+    convert_weights,
+    load_file,
+    unwrap_state_dict,
+)
 from surgdino.errors import CheckpointError
 from surgdino.log import get_logger
 
 logger = get_logger(__name__)
 
 _PERIODIC = re.compile(r"^model_(\d{7})\.pth$")
+TMP_SUFFIX = ".tmp"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -36,85 +48,83 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to ``path.tmp``, fsync, then rename: a crash never leaves a half-written ``path``."""
+def atomic_write(path: str, write: Callable[[IO[Any]], None], *, mode: str = "wb") -> None:
+    """``write(f)`` into ``path.tmp<pid>``, fsync, then rename: a crash never leaves a half-written ``path``.
+
+    A failed write (disk full, ...) removes the temp file, keeps the previous ``path`` and raises one
+    ``CheckpointError`` line.
+    """
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _load_pickle(path: str) -> Any:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")  # detectron2 .pkl files may come from Python 2
-
-
-def _load_file(path: str) -> Any:
-    """``.pkl``: plain pickle; otherwise ``torch.load`` (a plain pickle under another name is tried too)."""
-    if path.endswith(".pkl"):
-        return _load_pickle(path)
+    tmp = f"{path}{TMP_SUFFIX}{os.getpid()}"
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:
-        try:
-            return _load_pickle(path)
-        except Exception:
-            pass
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove_quietly(tmp)
+        why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
+        kept = "the previous file is kept" if os.path.isfile(path) else "nothing was written"
+        raise CheckpointError(f"cannot write {path}: {why} ({kept}); free space in "
+                              f"{os.path.dirname(os.path.abspath(path))} or use another OUTPUT_DIR, then "
+                              "continue with --resume") from None
+    except BaseException:
+        _remove_quietly(tmp)
         raise
 
 
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save(obj)`` to ``path`` through ``atomic_write``."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def remove_stale_temp_files(folder: str) -> list[str]:
+    """Delete the ``*.pth.tmp<pid>`` files a killed write left in ``folder`` (call while holding its lock)."""
+    pattern = os.path.join(glob.escape(folder), f"*.pth{TMP_SUFFIX}*")
+    removed = glob.glob(pattern) + glob.glob(os.path.join(glob.escape(folder), f"last_checkpoint{TMP_SUFFIX}*"))
+    for path in removed:
+        _remove_quietly(path)
+    if removed:
+        logger.info("removed %d partial file(s) of an interrupted write: %s", len(removed),
+                    ", ".join(os.path.basename(p) for p in removed))
+    return removed
+
+
 def read_checkpoint(path: str) -> dict[str, Any]:
-    """Load a checkpoint file (``torch.save`` or a detectron2 ``.pkl``) to CPU; ``CheckpointError`` naming
-    the file if missing or unreadable."""
+    """Load a checkpoint file (``torch.save`` or a detectron2 ``.pkl``) to CPU, weights only; ``CheckpointError``
+    naming the file if missing, unreadable or unsafe (``checkpoint_io.UnsafeCheckpointError``)."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a directory; give the checkpoint file inside it (e.g. model_final.pth)")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}; check MODEL.WEIGHTS or the path given")
     try:
-        obj = _load_file(path)
-    except Exception as e:  # truncated zip, pickle garbage, wrong format
-        raise CheckpointError(
-            f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-            "the file is corrupt or truncated — use another checkpoint"
-        ) from None
+        obj = load_file(path)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict or checkpoint dict")
     return obj
 
 
-def _as_tensor(v: Any) -> torch.Tensor | None:
-    if isinstance(v, torch.Tensor):
-        return v
-    if isinstance(v, np.ndarray) and v.dtype != object:
-        return torch.from_numpy(np.ascontiguousarray(v))
-    return None
-
-
 def _state_dict_of(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The model state dict inside a checkpoint, as tensors named like our full model.
 
-    Ours (``model``), detectron2 ``.pkl`` (``model`` of numpy arrays), ``state_dict``/``model_state`` or a
-    bare dict; DDP's ``module.`` prefix removed; bare ConvNeXt weights (official, timm, ours) become
-    ``backbone.*``, and official-layout ``backbone.downsample_layers.*`` names are converted.
+    Wrappers and DDP's ``module.`` go (``checkpoint_io.unwrap_state_dict``); a backbone's own layouts
+    (e.g. bare ConvNeXt weights) are converted by the converters registered in ``checkpoint_io``.
     """
-    from surgdino.modeling.backbone.convnext import convnext_as_model_weights, to_surgdino_convnext
-
-    bare = convnext_as_model_weights(obj)
-    if bare is not None:
-        return bare
-    for key in ("model", "state_dict", "model_state"):
-        if isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    state = {k: t for k, t in ((k, _as_tensor(v)) for k, v in obj.items()) if t is not None}
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    if any(k.startswith("backbone.downsample_layers.") for k in state):  # official ConvNeXt detection names
-        converted, _ = to_surgdino_convnext({k: v for k, v in state.items() if k.startswith("backbone.")})
-        state = {k: v for k, v in state.items() if not k.startswith("backbone.")}
-        state.update({f"backbone.{k}": v for k, v in converted.items()})
-    return state
+    state = unwrap_state_dict(obj)
+    converted = convert_weights(state)
+    if converted is not None:
+        return converted
+    return {k: t for k, t in ((k, as_tensor(v)) for k, v in state.items()) if t is not None}
 
 
 def load_weights(model: nn.Module, path: str, *, prefer_ema: bool = True) -> dict[str, Any]:
@@ -185,6 +195,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
             logger.warning("CUDA RNG state not restored (different number of devices)")
 
 
+def read_last_checkpoint(pointer: str) -> str | None:
+    """The bare file name in a ``last_checkpoint`` file; None (with a warning) when it is unreadable or not
+    UTF-8; a path (absolute, with a folder or ``..``) is refused: it could point outside the output folder."""
+    try:
+        with open(pointer, encoding="utf-8") as f:
+            name = f.read(4096).strip()
+    except (OSError, UnicodeDecodeError) as e:
+        logger.warning("%s: unreadable (%s); looking for the newest model_*.pth instead", pointer, type(e).__name__)
+        return None
+    if not name:
+        return None
+    if name in (".", "..") or os.path.basename(name) != name or "/" in name or "\\" in name or "\0" in name:
+        raise CheckpointError(f"{pointer}: names {name!r}, not a file name inside {os.path.dirname(pointer) or '.'}; "
+                              "refused for safety (it may point outside OUTPUT_DIR); write the name of one of "
+                              "the folder's model_*.pth files into it, or delete it")
+    return name
+
+
 class Checkpointer:
     """Saves and restores training state under ``save_dir``; only rank 0 writes files.
 
@@ -200,6 +228,7 @@ class Checkpointer:
         self.scheduler = scheduler
         self.scaler = scaler
         self.max_to_keep = max_to_keep
+        self.extra_state: Callable[[], dict[str, Any]] | None = None  # e.g. the trainer's hook states
 
     # ------------------------------------------------------------------ saving
     def save(self, name: str, *, update_last: bool = True, **extra: Any) -> str | None:
@@ -210,7 +239,8 @@ class Checkpointer:
         rng = comm.gather(get_rng_state())
         if not comm.is_main_process():
             return None
-        data: dict[str, Any] = {"model": unwrap(self.model).state_dict(), "rng": rng, **extra}
+        data: dict[str, Any] = {"model": unwrap(self.model).state_dict(), "rng": rng,
+                                **(self.extra_state() if self.extra_state is not None else {}), **extra}
         if self.optimizer is not None:
             data["optimizer"] = self.optimizer.state_dict()
         if self.scheduler is not None:
@@ -228,10 +258,7 @@ class Checkpointer:
         return path
 
     def _write_last(self, basename: str) -> None:
-        tmp = os.path.join(self.save_dir, "last_checkpoint.tmp")
-        with open(tmp, "w") as f:
-            f.write(basename)
-        os.replace(tmp, os.path.join(self.save_dir, "last_checkpoint"))
+        atomic_write(os.path.join(self.save_dir, "last_checkpoint"), lambda f: f.write(basename), mode="w")
 
     def _prune(self) -> None:
         if self.max_to_keep <= 0:
@@ -252,42 +279,79 @@ class Checkpointer:
         """The file named by ``last_checkpoint`` (or the newest periodic one), if any."""
         pointer = os.path.join(self.save_dir, "last_checkpoint")
         if os.path.isfile(pointer):
-            with open(pointer) as f:
-                name = f.read().strip()
-            path = os.path.join(self.save_dir, name)
-            if os.path.isfile(path):
+            name = read_last_checkpoint(pointer)
+            path = os.path.join(self.save_dir, name) if name else ""
+            if name and os.path.isfile(path):
                 return path
         periodic = self.periodic_checkpoints()
         return periodic[-1] if periodic else None
 
     def _candidates(self) -> list[str]:
-        """Resume candidates, newest first: the pointer's file, then periodic ones by iteration."""
+        """Resume candidates, newest first: the pointer's file, ``model_final.pth``, then periodic ones by iteration."""
         out: list[str] = []
         last = self.last_checkpoint()
         if last:
             out.append(last)
+        final = os.path.join(self.save_dir, "model_final.pth")
+        if os.path.isfile(final) and final not in out:
+            out.append(final)
         out += [p for p in reversed(self.periodic_checkpoints()) if p not in out]
         return out
 
     # ------------------------------------------------------------------ loading
-    def resume(self) -> dict[str, Any] | None:
-        """Restore full state from the newest readable checkpoint; ``None`` if there is none.
+    def resume(self) -> dict[str, Any]:
+        """Restore full state from the newest readable checkpoint.
 
-        A corrupt or truncated file is reported and the previous one is tried.
+        A corrupt or truncated file is reported and the previous one is tried; no checkpoint at all, or none
+        readable, is a ``CheckpointError`` (``--resume`` never silently starts over), and so is one whose
+        tensors do not fit the model (a changed config).
         """
-        for path in self._candidates():
+        candidates = self._candidates()
+        if not candidates:
+            raise CheckpointError(f"--resume: no checkpoint in {self.save_dir} (no last_checkpoint, model_final.pth "
+                                  "or model_*.pth); check OUTPUT_DIR, or leave out --resume to start a new run")
+        for path in candidates:
             try:
                 obj = read_checkpoint(path)
                 if "iteration" not in obj or "model" not in obj:
                     raise CheckpointError(f"{path}: not a training checkpoint (no iteration/model entries)")
+            except UnsafeCheckpointError:
+                raise  # a planted file: stop, do not quietly resume from an older one
             except CheckpointError as e:
                 logger.warning("%s; trying the previous checkpoint", e)
                 continue
-            self._restore(obj)
+            self._check_fits(obj, path)
+            try:
+                self._restore(obj)
+            except (RuntimeError, ValueError, KeyError, TypeError) as e:  # optimizer groups, schedule, ...
+                raise CheckpointError(
+                    f"--resume: {path} does not fit this run's optimizer/schedule ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:160] if str(e) else ''}); resume with the run's own config "
+                    f"({os.path.join(self.save_dir, 'config.yaml')}) or start a new OUTPUT_DIR") from None
             logger.info("resumed from %s at iteration %d", path, obj["iteration"])
             obj["path"] = path
             return obj
-        return None
+        raise CheckpointError(f"--resume: none of the {len(candidates)} checkpoint(s) in {self.save_dir} can be read "
+                              "(see the warnings above); leave out --resume and set MODEL.WEIGHTS to a good file, "
+                              "or start a new OUTPUT_DIR")
+
+    def _check_fits(self, obj: dict[str, Any], path: str) -> None:
+        """One clear error when the checkpoint's model does not match the configured one."""
+        own = unwrap(self.model).state_dict()
+        theirs = obj["model"]
+        mismatched = [f"{k} {tuple(v.shape)} in the checkpoint vs {tuple(own[k].shape)} in the model"
+                      for k, v in theirs.items() if k in own and hasattr(v, "shape") and v.shape != own[k].shape]
+        missing = sorted(set(own) - set(theirs))
+        unexpected = sorted(set(theirs) - set(own))
+        if not (mismatched or missing or unexpected):
+            return
+        what = (f"{len(mismatched)} tensor shape(s) differ, e.g. {mismatched[0]}" if mismatched else
+                f"{len(missing)} missing / {len(unexpected)} unexpected tensors, e.g. "
+                f"{(missing or unexpected)[0]}")
+        raise CheckpointError(
+            f"--resume: {path} does not fit the configured model ({what}); resume with the run's own config "
+            f"({os.path.join(self.save_dir, 'config.yaml')}) and the same overrides, or start a new OUTPUT_DIR "
+            "with MODEL.WEIGHTS pointing at this file (weights only, mismatches skipped)")
 
     def restore_ema(self, obj: dict[str, Any]) -> None:
         """The EMA state of a training checkpoint; one without (trained with EMA off) restarts the average

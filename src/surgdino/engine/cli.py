@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
 
 # predict's default score threshold: the one the demo draws at (engine.demo.DRAW_SCORE_THRESHOLD;
 # a test checks they agree). Not imported from there: that module imports torch.
@@ -20,7 +19,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Train on DATASETS.TRAIN, evaluating on DATASETS.TEST; outputs in OUTPUT_DIR.")
     t.add_argument("--resume", action="store_true",
                    help="continue from OUTPUT_DIR/last_checkpoint (model, optimizer, schedule, RNG, data order)")
-    t.add_argument("--eval-only", action="store_true", help="only evaluate MODEL.WEIGHTS on DATASETS.TEST")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start over in an OUTPUT_DIR that holds a run (deletes its checkpoints and metrics)")
+    t.add_argument("--eval-only", action="store_true",
+                   help="only evaluate MODEL.WEIGHTS on DATASETS.TEST (results in OUTPUT_DIR/eval_<weights>_<time>)")
     t.add_argument("--num-gpus", type=int, default=1, help="processes on this machine (one per GPU; CPU too)")
     t.add_argument("--num-machines", type=int, default=1, help="machines in the job")
     t.add_argument("--machine-rank", type=int, default=0, help="this machine's index (0 = the one at --dist-url)")
@@ -57,6 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--data-root", default=None,
                    help="where the demo dataset is generated (default ~/.cache/surgdino/demo_trays)")
     d.add_argument("--quick", action="store_true", help="a few iterations on a few images (a smoke test)")
+    d.add_argument("--resume", action="store_true", help="continue an interrupted demo from its last checkpoint")
+    d.add_argument("--overwrite", action="store_true", help="start over in an --output that holds a demo run")
     add_threads_argument(d, default=DEMO_THREADS)
     add_overrides(d)
     d.set_defaults(func=lambda a: _demo(d, a))
@@ -64,8 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from surgdino.config import load_config
-    from surgdino.engine.defaults import check_inputs, resolve_device
-    from surgdino.engine.launch import launch, under_torchrun
+    from surgdino.engine.run import run_train
     from surgdino.errors import ConfigError
 
     if not args.config_file:
@@ -73,34 +76,9 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                           "(`surgdino config list` lists the packaged configs; `surgdino config init` writes one "
                           "for your data)")
     cfg = load_config(args.config_file, args.opts)
-    device = resolve_device(cfg)
-    if not under_torchrun():
-        check_inputs(cfg, train=not args.eval_only)  # fail here, before processes start
-    launch(train_main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, device=device.type, args=(cfg, args.resume, args.eval_only))
+    run_train(cfg, resume=args.resume, eval_only=args.eval_only, overwrite=args.overwrite, num_gpus=args.num_gpus,
+              num_machines=args.num_machines, machine_rank=args.machine_rank, dist_url=args.dist_url)
     return 0
-
-
-def train_main(cfg: Any, resume: bool = False, eval_only: bool = False) -> dict[str, Any]:
-    """What every process runs: set up the output folder, then train or evaluate."""
-    from surgdino import comm
-    from surgdino.engine.defaults import Trainer, default_setup, register_datasets
-    from surgdino.engine.defaults import eval_only as run_eval_only
-
-    default_setup(cfg, tag="eval" if eval_only else "train")
-    register_datasets(cfg)
-    if eval_only:
-        return run_eval_only(cfg)
-    trainer = Trainer(cfg, resume=resume)
-    results = trainer.train()
-    if comm.is_main_process():
-        out = os.path.abspath(cfg.OUTPUT_DIR)
-        print(f"training done in {trainer.train_seconds:.0f} s; checkpoints, metrics.jsonl, plots in {out}")
-        if results:
-            from surgdino.evaluation.coco_evaluator import format_metrics
-
-            print(format_metrics(results))
-    return results
 
 
 def _predict(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -133,5 +111,6 @@ def _export(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 def _demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from surgdino.engine.demo import run_demo
 
-    run_demo(output=args.output, data_root=args.data_root, quick=args.quick, opts=args.opts)
+    run_demo(output=args.output, data_root=args.data_root, quick=args.quick, opts=args.opts, resume=args.resume,
+             overwrite=args.overwrite)
     return 0

@@ -22,9 +22,11 @@ from torch import nn
 
 from surgdino import comm
 from surgdino.config import Config, save_config
+from surgdino.device import resolve_device as _resolve_device
 from surgdino.engine import hooks as H
 from surgdino.engine.checkpointer import Checkpointer, load_weights, set_rng_state, unwrap
 from surgdino.engine.ema import ModelEMA
+from surgdino.engine.inference import evaluate
 from surgdino.engine.optimizer import build_lr_scheduler, build_optimizer, scale_config
 from surgdino.engine.trainer import SimpleTrainer
 from surgdino.engine.writers import ConsoleWriter, JSONWriter, TensorboardWriter
@@ -35,20 +37,8 @@ logger = get_logger(__name__)
 
 
 def resolve_device(cfg: Config) -> torch.device:
-    """``MODEL.DEVICE``: auto → cuda if available, else cpu; a missing CUDA device is a ConfigError."""
-    name = cfg.MODEL.DEVICE
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"MODEL.DEVICE = {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("MODEL.DEVICE = cuda but no CUDA device is available; set MODEL.DEVICE cpu (or auto)")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-    return device
+    """``MODEL.DEVICE`` through ``surgdino.device.resolve_device`` (a missing device is a ConfigError)."""
+    return _resolve_device(cfg.MODEL.DEVICE, "MODEL.DEVICE")
 
 
 def seed_all(seed: int) -> None:
@@ -57,8 +47,9 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def default_setup(cfg: Config, *, tag: str = "train") -> None:
-    """Create ``OUTPUT_DIR``, log to ``log.txt`` there (rank 0), save the merged ``config.yaml``."""
+def default_setup(cfg: Config, *, tag: str = "train", save: bool = True) -> None:
+    """Create ``OUTPUT_DIR``, log to ``log.txt`` there (rank 0), save the merged ``config.yaml`` (unless
+    ``save`` is False: a resumed run saves it once its checkpoint has loaded)."""
     out = cfg.OUTPUT_DIR
     root = get_logger()
     if comm.is_main_process():
@@ -73,8 +64,10 @@ def default_setup(cfg: Config, *, tag: str = "train") -> None:
         fh.setFormatter(logging.Formatter("[%(asctime)s %(name)s %(levelname)s] %(message)s", "%m/%d %H:%M:%S"))
         fh._surgdino_output = True
         root.addHandler(fh)
-        save_config(cfg, os.path.join(out, "config.yaml"))
-        logger.info("%s: output in %s (config.yaml, log.txt, metrics.jsonl, checkpoints)", tag, os.path.abspath(out))
+        if save:
+            save_config(cfg, os.path.join(out, "config.yaml"))
+        files = "config.yaml, log.txt, metrics.jsonl, checkpoints" if tag == "train" else "config.yaml, log.txt, inference/"
+        logger.info("%s: output in %s (%s)", tag, os.path.abspath(out), files)
     else:
         root.setLevel(logging.WARNING)
     logger.info("rank %d/%d, torch %s", comm.get_rank(), comm.get_world_size(), torch.__version__)
@@ -177,6 +170,7 @@ class Trainer:
         self.ema = ModelEMA.from_config(cfg, model)
         self.checkpointer = Checkpointer(model, cfg.OUTPUT_DIR, optimizer=optimizer, scheduler=scheduler,
                                          max_to_keep=s.MAX_TO_KEEP, ema=self.ema)
+        self.checkpointer.extra_state = lambda: {"hooks": self.trainer.hook_states()}
         self.start_iter = 0
         rng = None
         ckpt = self.checkpointer.resume() if resume else None
@@ -185,13 +179,9 @@ class Trainer:
             self.seed = int(ckpt.get("seed", self.seed))
             rng = ckpt.get("rng")
         elif cfg.MODEL.WEIGHTS:
-            if resume:
-                logger.info("--resume: no checkpoint in %s; initialising from MODEL.WEIGHTS", cfg.OUTPUT_DIR)
             load_weights(model, cfg.MODEL.WEIGHTS)
             if self.ema is not None:
                 self.ema.reset(model)  # the average starts from the loaded weights
-        elif resume:
-            logger.info("--resume: no checkpoint in %s; starting from scratch", cfg.OUTPUT_DIR)
 
         if world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -199,21 +189,24 @@ class Trainer:
                                                         find_unused_parameters=cfg.MODEL.DDP_FIND_UNUSED_PARAMETERS)
         data = self.build_train_loader(cfg, seed=self.seed, start_iter=self.start_iter)
         clip = cfg.SOLVER.CLIP_GRADIENTS
+        self.scheduler = scheduler
         self.trainer = SimpleTrainer(
-            model, data, optimizer, scheduler=scheduler, accumulation_steps=s.ACCUMULATION_STEPS,
+            model, data, optimizer, accumulation_steps=s.ACCUMULATION_STEPS,
             clip_type=clip.CLIP_TYPE if clip.ENABLED else None, clip_value=clip.CLIP_VALUE,
             norm_type=clip.NORM_TYPE, amp_dtype=amp_dtype, max_nonfinite_steps=s.MAX_NONFINITE_STEPS,
-            ema=self.ema,
         )
         self.checkpointer.scaler = self.trainer.scaler
         if ckpt is not None and self.trainer.scaler is not None and "scaler" in ckpt:
             self.trainer.scaler.load_state_dict(ckpt["scaler"])
-        _ = self.trainer.data_iter  # create the iterator before the RNG streams are set
+        with H.signals_ignored():  # loader workers ignore Ctrl-C/SIGTERM: the trainer saves and stops
+            _ = self.trainer.data_iter  # create the iterator before the RNG streams are set
         if rng:
             set_rng_state(rng[comm.get_rank() % len(rng)])
         else:
             seed_all(self.seed + comm.get_rank())  # per-rank streams for training randomness
         self.trainer.register_hooks(self.build_hooks())
+        if ckpt is not None:
+            self.trainer.load_hook_states(ckpt.get("hooks"))
 
     # ------------------------------------------------------------------ parts
     @classmethod
@@ -238,6 +231,8 @@ class Trainer:
                 "thing_dataset_id_to_contiguous_id": self.id_map, "config": self.cfg.dump()}
 
     def build_hooks(self) -> list[H.HookBase]:
+        """In order: timer, schedule, EMA, evaluation + best model, writers, periodic checkpoint (after the
+        iteration's evaluation and metrics, so a checkpoint holds them), plots, checkpoint on a signal."""
         cfg = self.cfg
         out = cfg.OUTPUT_DIR
         metrics_path = os.path.join(out, "metrics.jsonl")
@@ -251,22 +246,25 @@ class Trainer:
             console = ConsoleWriter(self.start_iter, cfg.SOLVER.MAX_ITER)
         writer = H.PeriodicWriter(writers, cfg.SOLVER.LOG_PERIOD, console)
         plot = H.PlotHook(metrics_path, out)
-        hooks: list[H.HookBase] = [
-            H.IterationTimer(),
-            H.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, cfg.SOLVER.MAX_ITER, self._extra),
-        ]
+        periodic = H.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, cfg.SOLVER.MAX_ITER,
+                                          self._extra)
+        hooks: list[H.HookBase] = [H.IterationTimer(), H.LRScheduler(self.scheduler)]
+        if self.ema is not None:
+            hooks.append(H.EMAHook(self.ema))
         if cfg.DATASETS.TEST:
+            best = H.BestCheckpointer(self.checkpointer, cfg.TEST.BEST_METRIC, cfg.TEST.BEST_MODE)
+
             def on_results(done: int, flat: dict[str, float]) -> None:
+                best.update(done, flat)
                 writer.write_results(done, flat)
                 if done < cfg.SOLVER.MAX_ITER:  # the final curves are drawn after training
                     plot.plot()
 
-            hooks.append(H.EvalHook(cfg.TEST.EVAL_PERIOD, lambda: self.test(cfg, unwrap(self.trainer.model)),
-                                    checkpointer=self.checkpointer, best_metric=cfg.TEST.BEST_METRIC,
-                                    mode=cfg.TEST.BEST_MODE, on_results=on_results, ema=self.ema))
+            hooks += [H.EvalHook(cfg.TEST.EVAL_PERIOD, lambda: self.test(cfg, unwrap(self.trainer.model)),
+                                 on_results=on_results, ema=self.ema), best]
         if cfg.VIS_PERIOD > 0:
             hooks.append(H.VisualizationHook(cfg.VIS_PERIOD, out, self.thing_classes))
-        hooks += [writer, plot]  # the writer runs after evaluation so the final line includes it
+        hooks += [writer, periodic, plot, H.InterruptCheckpointer(periodic)]
         return hooks
 
     # ------------------------------------------------------------------ run
@@ -285,97 +283,6 @@ class Trainer:
         """Evaluate on each of ``DATASETS.TEST``; the first dataset's metrics at top level, others under
         their names. Saves results, the per-class AP table and plot under ``OUTPUT_DIR/inference/<name>``."""
         return evaluate(cfg, model)
-
-
-def inference_on_dataset(model: nn.Module, data_loader, evaluator, *, desc: str = "eval") -> dict[str, Any]:
-    """Run ``model`` in eval mode over ``data_loader`` feeding ``evaluator``; its results (rank 0)."""
-    from tqdm import tqdm
-
-    evaluator.reset()
-    was_training = model.training
-    model.eval()
-    try:
-        total = len(data_loader)
-    except TypeError:
-        total = None
-    with torch.no_grad():
-        for inputs in tqdm(data_loader, total=total, desc=desc, disable=not comm.is_main_process(),
-                           dynamic_ncols=True, leave=False):
-            evaluator.process(inputs, model(inputs))
-    model.train(was_training)
-    return evaluator.evaluate() or {}
-
-
-def _eval_model(cfg: Config, model: nn.Module) -> nn.Module:
-    if not cfg.TEST.AUG.ENABLED:
-        return model
-    from surgdino.evaluation.tta import InstanceTTA
-
-    logger.info("test-time augmentation: sizes %s, max %d, flip %s", list(cfg.TEST.AUG.MIN_SIZES),
-                cfg.TEST.AUG.MAX_SIZE, cfg.TEST.AUG.FLIP)
-    return InstanceTTA.from_config(cfg, model)
-
-
-def evaluate(cfg: Config, model: nn.Module) -> dict[str, Any]:
-    """COCO evaluation of ``model`` on ``DATASETS.TEST`` (see ``Trainer.test``)."""
-    from surgdino.data.loader import build_test_loader
-    from surgdino.evaluation import COCOEvaluator
-
-    if not cfg.DATASETS.TEST:
-        raise ConfigError("DATASETS.TEST is empty; name the evaluation datasets, e.g. DATASETS.TEST "
-                          "\"['synthetic_trays_val']\"")
-    model = unwrap(model)
-    eval_model = _eval_model(cfg, model)
-    out: dict[str, Any] = {}
-    for i, name in enumerate(cfg.DATASETS.TEST):
-        folder = os.path.join(cfg.OUTPUT_DIR, "inference", name)
-        loader = build_test_loader(cfg, name)
-        evaluator = COCOEvaluator.from_config(cfg, name, output_dir=folder if comm.is_main_process() else None)
-        results = inference_on_dataset(eval_model, loader, evaluator, desc=f"eval {name}")
-        if comm.is_main_process() and results:
-            save_eval_results(results, folder)
-        if i == 0:
-            out.update(results)
-        else:
-            out[name] = results
-    return out
-
-
-def save_eval_results(results: dict[str, Any], folder: str) -> None:
-    """``results.json``, ``per_class_ap.txt`` (the printed table) and ``per_class_ap.png``."""
-    from surgdino.evaluation.coco_evaluator import format_metrics, metrics_to_json
-
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "results.json"), "w") as f:
-        json.dump(metrics_to_json(results), f, indent=1)
-    with open(os.path.join(folder, "per_class_ap.txt"), "w") as f:
-        f.write(format_metrics(results) + "\n")
-    per_class = (results.get("per_class") or {}).get("segm") or (results.get("per_class") or {}).get("bbox")
-    if per_class:
-        try:
-            from surgdino.visualize import plot_per_class_ap
-
-            plot_per_class_ap(per_class, os.path.join(folder, "per_class_ap.png"))
-        except Exception as e:  # drawing must not lose the evaluation
-            logger.warning("per-class AP plot not drawn: %s: %s", type(e).__name__, e)
-
-
-def eval_only(cfg: Config) -> dict[str, Any]:
-    """``--eval-only``: build the model, load ``MODEL.WEIGHTS`` (required) and evaluate."""
-    if not cfg.MODEL.WEIGHTS:
-        raise ConfigError("--eval-only needs weights: add MODEL.WEIGHTS path/to/model_final.pth")
-    if not os.path.isfile(cfg.MODEL.WEIGHTS):
-        raise ConfigError(f"MODEL.WEIGHTS file not found: {cfg.MODEL.WEIGHTS}")
-    device = resolve_device(cfg)
-    seed_all(max(cfg.SEED, 0))
-    model = Trainer.build_model(cfg).to(device)
-    load_weights(model, cfg.MODEL.WEIGHTS)
-    results = Trainer.test(cfg, model)
-    if comm.is_main_process() and results:
-        from surgdino.evaluation.coco_evaluator import format_metrics
-
-        print(format_metrics(results))
-    return results
 
 
 def check_inputs(cfg: Config, *, train: bool) -> None:

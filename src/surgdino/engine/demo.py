@@ -35,6 +35,8 @@ QUICK_OPTS = {"SOLVER.MAX_ITER": 3, "SOLVER.STEPS": [], "SOLVER.WARMUP_ITERS": 0
               "SOLVER.IMS_PER_BATCH": 2, "SOLVER.LOG_PERIOD": 1, "TEST.EVAL_PERIOD": 0,
               "MODEL.MaskDINO.TRAIN_NUM_POINTS": 256, "INPUT.MIN_SIZE_TRAIN": [96],
               "INPUT.MAX_SIZE_TRAIN": 96, "INPUT.MIN_SIZE_TEST": 96, "INPUT.MAX_SIZE_TEST": 96}
+# the demo saves often (an interrupted demo continues with `surgdino demo --resume`) and keeps one periodic file
+DEMO_CHECKPOINTS = {"SOLVER.CHECKPOINT_PERIOD": 100, "SOLVER.MAX_TO_KEEP": 1}
 NUM_DRAWN = 6
 # scores are class probability x mask score: a short CPU run's best detections score 0.2-0.5
 DRAW_SCORE_THRESHOLD = 0.2
@@ -95,6 +97,7 @@ def demo_config(output: str, paths: dict[str, str], *, quick: bool = False, opts
         "DATASETS.TRAIN": ["demo_trays_train"],
         "DATASETS.TEST": ["demo_trays_val"],
         "MODEL.SEM_SEG_HEAD.NUM_CLASSES": num_classes,
+        **DEMO_CHECKPOINTS,
     }, source="demo")
     if quick:
         cfg = cfg.merge(QUICK_OPTS, source="demo --quick")
@@ -108,10 +111,14 @@ def _duration(seconds: float) -> str:
 
 
 def run_demo(output: str = "./output/demo", data_root: str | None = None, *, quick: bool = False,
-             opts: list[str] | None = None) -> dict[str, Any]:
-    """The whole demo; returns ``{"results", "seconds", "output"}`` (``results``: the final evaluation)."""
-    from surgdino.engine.cli import train_main
+             opts: list[str] | None = None, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """The whole demo; returns ``{"results", "seconds", "output"}`` (``results``: the final evaluation).
+
+    ``resume`` continues an interrupted demo in ``output`` (checkpoints every 100 iterations and on
+    Ctrl-C/SIGTERM); ``overwrite`` starts over where a demo ran before."""
+    from surgdino.engine.output_dir import check_output_dir
     from surgdino.engine.predictor import Predictor, list_images, predict_files
+    from surgdino.engine.run import run_train
     from surgdino.evaluation.coco_evaluator import format_metrics
 
     t0 = time.perf_counter()
@@ -123,9 +130,12 @@ def run_demo(output: str = "./output/demo", data_root: str | None = None, *, qui
     if cfg.MODEL.WEIGHTS and not os.path.isfile(os.path.expanduser(cfg.MODEL.WEIGHTS)):
         raise ConfigError(f"MODEL.WEIGHTS file not found: {cfg.MODEL.WEIGHTS}; give an existing .pth/.pkl path "
                           "or leave it out to train from scratch")
+    if not overwrite:  # refuse before minutes go into generating data
+        check_output_dir(cfg.OUTPUT_DIR, resume=resume, overwrite=False, command="demo", output_flag="--output")
     paths = ensure_demo_dataset(root, params)
     data_s = time.perf_counter() - t0
-    results = train_main(cfg)
+    results = run_train(cfg, resume=resume, overwrite=overwrite, show=False, command="demo",
+                        output_flag="--output") or {}
     train_s = time.perf_counter() - t0 - data_s
 
     final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")

@@ -22,19 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from surgdino.config.keys.engine import check_decay
 from surgdino.engine.checkpointer import unwrap
-from surgdino.errors import CheckpointError, ConfigError
+from surgdino.errors import CheckpointError
 from surgdino.log import get_logger
 
 logger = get_logger(__name__)
-
-
-def check_decay(decay: float, key: str = "MODEL_EMA.DECAY") -> float:
-    """``decay`` if in [0, 1), else a ConfigError naming ``key``."""
-    if not 0.0 <= decay < 1.0:
-        raise ConfigError(f"{key} = {decay} must be in [0, 1) (e.g. 0.999; closer to 1 averages over more "
-                          "steps, about 1 / (1 - DECAY))")
-    return float(decay)
 
 
 def effective_decay(decay: float, n: int) -> float:

@@ -1,60 +1,82 @@
-"""Training hooks: timing and LR, periodic checkpoints, periodic evaluation with the best model, writers, plots."""
+"""Training hooks: timing, LR schedule, weight average (EMA), periodic checkpoints, writers, plots, and a
+checkpoint on SIGINT/SIGTERM; the evaluation hooks (evaluation, best model, drawings) live in
+``eval_hooks`` and are re-exported here. Hooks with state (the best value so far, the metrics not yet
+written) keep it over ``--resume`` through ``state_dict``/``load_state_dict``."""
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-import random
+import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-import torch
-
 from surgdino import comm
 from surgdino.engine.checkpointer import Checkpointer
-from surgdino.engine.trainer import HookBase
+from surgdino.engine.eval_hooks import (  # noqa: F401  (re-exported: hooks.EvalHook, ...)
+    BestCheckpointer,
+    EvalHook,
+    VisualizationHook,
+    flatten_results,
+    preserved_rng,
+)
+from surgdino.engine.trainer import HookBase, any_rank
+from surgdino.errors import SurgDinoError
 from surgdino.log import get_logger
 
 logger = get_logger(__name__)
 
 
-@contextlib.contextmanager
-def preserved_rng():
-    """Run a block (e.g. evaluation) without changing the torch/numpy/python RNG streams of training."""
-    state = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
-             torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
-    try:
-        yield
-    finally:
-        torch.set_rng_state(state[0])
-        np.random.set_state(state[1])
-        random.setstate(state[2])
-        if state[3] is not None:
-            torch.cuda.set_rng_state_all(state[3])
-
-
 class IterationTimer(HookBase):
-    """Step time and the learning rate of each step (the largest over groups: the non-backbone one)."""
+    """Step time and the learning rate of each step (the largest over groups: the non-backbone one); at the
+    end the seconds per iteration of training alone (evaluation and checkpoints excluded)."""
 
     def before_train(self) -> None:
         self._start = time.perf_counter()
+        self._stepping = 0.0
 
     def before_step(self) -> None:
         self._t = time.perf_counter()
         lr = max(g["lr"] for g in self.trainer.optimizer.param_groups)
         self.trainer.storage.put_scalar("lr", lr)
 
-    def after_step(self) -> None:
-        self.trainer.storage.put_scalar("time", time.perf_counter() - self._t)
+    def after_step(self) -> None:  # registered first: runs before the other hooks' after_step
+        dt = time.perf_counter() - self._t
+        self._stepping += dt
+        self.trainer.storage.put_scalar("time", dt)
 
     def after_train(self) -> None:
         done = self.trainer.iter - self.trainer.start_iter
         total = time.perf_counter() - self._start
         if done > 0:
-            logger.info("trained %d iterations in %.1f s (%.3f s/it)", done, total, total / done)
+            logger.info("trained %d iterations in %.1f s: %.3f s/it training (evaluation, checkpoints and "
+                        "writing %.1f s more)", done, total, self._stepping / done, total - self._stepping)
+
+
+class LRScheduler(HookBase):
+    """Steps the learning-rate schedule after every iteration (taken or skipped). Register it before the
+    checkpoint hooks: a checkpoint holds the schedule of the next iteration."""
+
+    def __init__(self, scheduler: Any):
+        self.scheduler = scheduler
+
+    def after_step(self) -> None:
+        self.scheduler.step()
+
+
+class EMAHook(HookBase):
+    """Moves the weight average (``ModelEMA``) towards the weights after each step that was taken (skipped
+    non-finite steps do not count; with accumulation once per iteration). Its state is saved as ``"ema"``
+    by the ``Checkpointer``."""
+
+    def __init__(self, ema: Any):
+        self.ema = ema
+
+    def after_step(self) -> None:
+        if self.trainer.stepped:
+            self.ema.update(self.trainer.model)
 
 
 class PeriodicCheckpointer(HookBase):
@@ -66,101 +88,116 @@ class PeriodicCheckpointer(HookBase):
         self.period = period
         self.max_iter = max_iter
         self.extra = extra or (lambda: {})
+        self.last_saved = -1
+
+    def save(self, done: int, name: str | None = None) -> str | None:
+        path = self.checkpointer.save(name or f"model_{done:07d}", iteration=done, **self.extra())
+        self.last_saved = done
+        return path
 
     def after_step(self) -> None:
         done = self.trainer.iter + 1
         if self.period > 0 and done % self.period == 0 and done < self.max_iter:
-            self.checkpointer.save(f"model_{done:07d}", iteration=done, **self.extra())
+            self.save(done)
         if done == self.max_iter:
-            self.checkpointer.save("model_final", iteration=done, **self.extra())
+            self.save(done, "model_final")
 
 
-def flatten_results(results: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """``{"segm": {"AP": 50}}`` → ``{"segm/AP": 50}``; non-numeric leaves and per-class tables dropped."""
-    out: dict[str, float] = {}
-    for k, v in results.items():
-        if k == "per_class":
-            continue
-        name = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten_results(v, name + "/"))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            out[name] = float(v)
-    return out
+@contextlib.contextmanager
+def signals_ignored(names: tuple[str, ...] = ("SIGINT", "SIGTERM")):
+    """SIGINT/SIGTERM ignored within the block (main thread only): processes started here (data-loading
+    workers) inherit that, so a Ctrl-C to the whole process group reaches only the trainer, which saves a
+    checkpoint and stops, instead of killing the workers mid-batch."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for name in names:
+        signum = getattr(signal, name, None)
+        if signum is not None:
+            previous[signum] = signal.signal(signum, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
-class EvalHook(HookBase):
-    """Evaluate every ``period`` iterations and at the end; keep the best model as ``model_best.pth``.
+class TrainingInterrupted(SurgDinoError):
+    """SIGINT/SIGTERM stopped training after a checkpoint of the current iteration was saved."""
 
-    ``eval_function()`` returns the evaluation results (rank 0; other ranks may get ``{}``). It runs
-    with the training RNG streams preserved, so evaluating does not change what training does next.
-    With an ``ema`` (``ModelEMA``) it runs with the EMA weights swapped into the trainer's model (the
-    training weights are restored after), so the best model is chosen by the EMA's results;
-    ``model_best.pth`` holds both (``"model"`` and ``"ema"``).
+
+class InterruptCheckpointer(HookBase):
+    """On SIGINT (Ctrl-C) or SIGTERM (what schedulers send) finish the current iteration, save
+    ``model_{iter:07d}.pth`` and stop with ``TrainingInterrupted`` (continue with ``--resume``).
+
+    Register it last, so the iteration's other hooks (metrics, periodic checkpoint) ran. The handlers are
+    installed for the training only (main thread); a second Ctrl-C stops at once. All processes agree
+    on stopping (a collective per step when distributed).
     """
 
-    def __init__(self, period: int, eval_function: Callable[[], dict[str, Any]], *,
-                 checkpointer: Checkpointer | None = None, best_metric: str = "segm/AP", mode: str = "max",
-                 on_results: Callable[[int, dict[str, float]], None] | None = None, ema: Any = None):
-        self.period = period
-        self.eval_function = eval_function
-        self.checkpointer = checkpointer
-        self.best_metric = best_metric
-        self.mode = mode
-        self.best: float | None = None
-        self.on_results = on_results
-        self.last_results: dict[str, Any] = {}
-        self.ema = ema
-        self._ema_logged = False
+    SIGNALS = ("SIGINT", "SIGTERM")
 
-    def _weights(self):
-        if self.ema is None:
-            return contextlib.nullcontext()
-        if not self._ema_logged:
-            logger.info("evaluating with the EMA weights (MODEL_EMA.ENABLED, %d updates so far); "
-                        "checkpoints keep the training weights too", self.ema.updates)
-            self._ema_logged = True
-        return self.ema.applied(self.trainer.model)
+    def __init__(self, periodic: PeriodicCheckpointer):
+        self.periodic = periodic
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
 
-    def _do_eval(self, done: int) -> None:
-        with preserved_rng(), self._weights():
-            results = self.eval_function()
-        self.trainer.model.train()
-        self.last_results = results or {}
-        flat = comm.all_gather(flatten_results(self.last_results))[0]
-        if self.on_results is not None:
-            self.on_results(done, flat)
-        value = flat.get(self.best_metric)
-        if value is None:
-            if flat:
-                logger.warning("TEST.BEST_METRIC %s not among the results %s", self.best_metric, sorted(flat))
+    def _handler(self, signum, frame) -> None:
+        self.received = signum
+        self._restore()  # a second signal acts as without this hook
+        logger.warning("%s received: stopping after iteration %d with a checkpoint (again to stop at once)",
+                       signal.Signals(signum).name, self.trainer.iter + 1)
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def before_train(self) -> None:
+        self.received = None
+        if threading.current_thread() is not threading.main_thread():
             return
-        better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
-        if better:
-            self.best = value
-            if self.checkpointer is not None:
-                self.checkpointer.save("model_best", iteration=done, update_last=False,
-                                       best_metric=self.best_metric, best_value=value)
-            logger.info("best %s = %.3f at iteration %d", self.best_metric, value, done)
+        for name in self.SIGNALS:
+            signum = getattr(signal, name, None)
+            if signum is not None:
+                self._previous[signum] = signal.signal(signum, self._handler)
 
     def after_step(self) -> None:
+        if not any_rank(self.received is not None):
+            return
         done = self.trainer.iter + 1
-        if done == self.trainer.max_iter or (self.period > 0 and done % self.period == 0):
-            self._do_eval(done)
+        path = None
+        if self.periodic.last_saved != done:
+            path = self.periodic.save(done)
+        else:
+            path = self.periodic.checkpointer.last_checkpoint()
+        name = signal.Signals(self.received).name if self.received else "a signal on another process"
+        raise TrainingInterrupted(f"stopped by {name} after iteration {done}: saved {path}; continue with the "
+                                  "same command and --resume")
+
+    def after_train(self) -> None:
+        self._restore()
 
 
 class PeriodicWriter(HookBase):
     """Every ``period`` iterations (and the last): mean scalars since the previous write to the writers;
-    the console progress bar advances every step."""
+    the console progress bar advances every step. The scalars not yet written are part of its state, so a
+    resumed run writes the same lines as an uninterrupted one whatever the checkpoint period."""
 
     def __init__(self, writers: list[Any], period: int = 20, console: Any = None):
         self.writers = writers
         self.period = period
         self.console = console
         self._since = 0
+        self._pending: dict[str, Any] | None = None
 
     def before_train(self) -> None:
         self._since = self.trainer.start_iter
+        if self._pending is not None:
+            self._since = int(self._pending["since"])
+            self.trainer.storage.restore_history(self._pending["history"])
+            self._pending = None
         if self.console is not None:
             self.console.start()
 
@@ -179,6 +216,12 @@ class PeriodicWriter(HookBase):
             return
         for w in self.writers + ([self.console] if self.console is not None else []):
             w.write(done, scalars)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"since": self._since, "history": self.trainer.storage.history_since(self._since)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._pending = state
 
     def write_results(self, done: int, flat: dict[str, float]) -> None:
         """Evaluation metrics (``segm/AP`` …) to the file writers at iteration ``done``."""
@@ -219,7 +262,8 @@ class PlotHook(HookBase):
 
 
 def plot_metrics(metrics_path: str, out_dir: str) -> list[str]:
-    """Draw training curves with ``surgdino.visualize``; logs and returns ``[]`` when unavailable."""
+    """Draw training curves with ``surgdino.visualize``; logs and returns ``[]`` when unavailable. Files are
+    drawn into a temp folder and moved in whole (``inference.draw_into``): never a 0-byte PNG."""
     if not os.path.isfile(metrics_path):
         return []
     try:
@@ -227,59 +271,6 @@ def plot_metrics(metrics_path: str, out_dir: str) -> list[str]:
     except ImportError as e:
         logger.info("training curves not drawn: %s", e)
         return []
-    try:
-        paths = plot_training_curves(metrics_path, out_dir)
-    except Exception as e:  # a plotting failure must not lose a finished training run
-        logger.warning("training curves not drawn: %s: %s", type(e).__name__, e)
-        return []
-    return list(paths or [])
+    from surgdino.engine.inference import draw_into
 
-
-class VisualizationHook(HookBase):
-    """Every ``period`` iterations draw the model's predictions on the first image of the current
-    training batch beside its ground truth, into TensorBoard (``VIS_PERIOD``; rank 0)."""
-
-    def __init__(self, period: int, log_dir: str, class_names: list[str] | None = None,
-                 score_threshold: float = 0.3):
-        self.period = period
-        self.log_dir = log_dir
-        self.class_names = class_names or None
-        self.score_threshold = score_threshold
-        self._writer = None
-
-    def after_step(self) -> None:
-        done = self.trainer.iter + 1
-        batch = getattr(self.trainer, "last_batch", None)
-        if self.period <= 0 or done % self.period or not batch or not comm.is_main_process():
-            return
-        from surgdino.engine.checkpointer import unwrap
-        from surgdino.visualize import draw_instances
-
-        sample = batch[0]
-        h, w = sample["image"].shape[-2:]
-        model = unwrap(self.trainer.model)
-        with preserved_rng(), torch.no_grad():
-            model.eval()
-            try:
-                pred = model([{**sample, "height": h, "width": w}])[0]
-            finally:
-                model.train()
-        image = sample["image"].permute(1, 2, 0).cpu().numpy()  # [H, W, 3]
-        keep = pred["scores"].detach().cpu() >= self.score_threshold
-        drawn = draw_instances(image, pred["boxes"].detach().cpu()[keep], pred["masks"].detach().cpu()[keep],
-                               pred["labels"].detach().cpu()[keep], self.class_names,
-                               pred["scores"].detach().cpu()[keep])
-        inst = sample.get("instances") or {}
-        gt = draw_instances(image, inst.get("boxes", torch.zeros(0, 4)), inst.get("masks"),
-                            inst.get("classes", torch.zeros(0, dtype=torch.int64)), self.class_names)
-        both = np.concatenate([gt, drawn], axis=1)  # [H, 2W, 3]: ground truth | predictions
-        if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(self.log_dir)
-        self._writer.add_image("train/gt_vs_pred", both, done, dataformats="HWC")
-        self._writer.flush()
-
-    def after_train(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+    return draw_into(out_dir, lambda tmp: plot_training_curves(metrics_path, tmp))

@@ -7,8 +7,10 @@ MASTER_ADDR, MASTER_PORT) is read and no process is spawned.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
+import threading
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -81,14 +83,35 @@ def launch(main_func: Callable[..., Any], num_gpus_per_machine: int = 1, *, num_
             raise ConfigError("--dist-url auto works on one machine only; give tcp://HOST:PORT of machine 0")
         dist_url = f"tcp://127.0.0.1:{find_free_port()}"
     logger.info("starting %d processes (%d per machine), %s", world, num_gpus_per_machine, dist_url)
+    context = mp.start_processes(_worker, nprocs=num_gpus_per_machine, start_method="spawn", join=False,
+                                 args=(main_func, world, num_gpus_per_machine, machine_rank, dist_url, device, args))
+    previous = _forward_signals(context)
     try:
-        mp.start_processes(_worker, nprocs=num_gpus_per_machine, start_method="spawn", join=True,
-                           args=(main_func, world, num_gpus_per_machine, machine_rank, dist_url, device, args))
+        while not context.join():
+            pass
     except mp.ProcessExitedException as e:
         if e.exit_code == 2:
             raise SurgDinoError(f"process {e.error_index} stopped with the error printed above") from None
         raise
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return None
+
+
+def _forward_signals(context: Any) -> dict[int, Any]:
+    """While the workers run, SIGTERM to this launcher goes on to each of them (they save a checkpoint and
+    stop); SIGINT is ignored here: a terminal's Ctrl-C reaches the workers directly."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def forward(signum, frame) -> None:
+        for p in context.processes:
+            if p.is_alive():
+                os.kill(p.pid, signum)
+
+    return {signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
+            signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN)}
 
 
 def _worker(local_rank: int, main_func: Callable[..., Any], world: int, per_machine: int, machine_rank: int,

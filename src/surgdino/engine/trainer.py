@@ -1,9 +1,12 @@
 """The training loop: a tiny core (``SimpleTrainer.run_step``) with everything else in hooks.
 
-``run_step`` draws ``accumulation_steps`` micro-batches (lists of per-image dicts) from the data
-iterator, runs forward/backward on each (DDP gradient sync only on the last), skips the step if
-any loss is non-finite on any process, clips gradients and steps optimizer and schedule; with an
-``ema`` (``ModelEMA``) it updates the moving average after each step that was taken.
+``run_step`` is three small steps: ``forward_backward`` draws ``accumulation_steps`` micro-batches
+(lists of per-image dicts) and runs forward/backward on each (DDP gradient sync only on the last);
+``nonfinite_terms`` agrees across processes whether any loss was NaN/inf (then the step is skipped);
+``optimizer_step`` clips gradients and steps the optimizer (with the AMP scaler). The learning-rate
+schedule, the weight average (EMA), checkpoints, evaluation and writers are hooks
+(``surgdino.engine.hooks``). A hook may hold state (``state_dict``/``load_state_dict``): checkpoints store
+every hook's state and ``--resume`` gives it back.
 """
 
 from __future__ import annotations
@@ -30,7 +33,11 @@ class NonFiniteLossError(SurgDinoError):
 
 
 class HookBase:
-    """Called by the trainer around training and each step; ``self.trainer`` is set on registration."""
+    """Called by the trainer around training and each step; ``self.trainer`` is set on registration.
+
+    A hook with state to keep over ``--resume`` returns it from ``state_dict`` (plain values and
+    tensors) and takes it back in ``load_state_dict`` (called after registration, before training).
+    """
 
     trainer: TrainerBase
 
@@ -44,6 +51,12 @@ class HookBase:
         pass
 
     def after_step(self) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
 
@@ -62,6 +75,34 @@ class TrainerBase:
             if h is not None:
                 h.trainer = self
                 self._hooks.append(h)
+
+    def _hook_keys(self) -> list[str]:
+        """A stable name per hook: its class name, with ``#n`` for the second and later of a class."""
+        seen: dict[str, int] = {}
+        keys = []
+        for h in self._hooks:
+            name = type(h).__name__
+            seen[name] = seen.get(name, 0) + 1
+            keys.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+        return keys
+
+    def hook_states(self) -> dict[str, dict[str, Any]]:
+        """``{hook name: state}`` of the hooks that hold state (stored in checkpoints)."""
+        out = {}
+        for key, h in zip(self._hook_keys(), self._hooks):
+            state = h.state_dict()
+            if state:
+                out[key] = state
+        return out
+
+    def load_hook_states(self, states: dict[str, dict[str, Any]] | None) -> None:
+        """Give each registered hook its state from ``hook_states()`` of a checkpoint."""
+        states = dict(states or {})
+        for key, h in zip(self._hook_keys(), self._hooks):
+            if key in states:
+                h.load_state_dict(states.pop(key))
+        if states:
+            logger.info("checkpoint has state of hooks not used now (ignored): %s", ", ".join(sorted(states)))
 
     def train(self, start_iter: int, max_iter: int) -> None:
         logger.info("starting training from iteration %d to %d", start_iter, max_iter)
@@ -88,7 +129,11 @@ class TrainerBase:
 
 
 class SimpleTrainer(TrainerBase):
-    """One optimizer step per batch; gradient accumulation, clipping, AMP and non-finite skips."""
+    """One optimizer step per batch; gradient accumulation, clipping, AMP and non-finite skips.
+
+    ``stepped`` tells the hooks whether the last ``run_step`` changed the weights (the EMA hook averages
+    only then).
+    """
 
     def __init__(
         self,
@@ -96,21 +141,18 @@ class SimpleTrainer(TrainerBase):
         data_loader: Iterable[list[dict[str, Any]]],
         optimizer: torch.optim.Optimizer,
         *,
-        scheduler: Any = None,
         accumulation_steps: int = 1,
         clip_type: str | None = None,
         clip_value: float = 0.0,
         norm_type: float = 2.0,
         amp_dtype: torch.dtype | None = None,
         max_nonfinite_steps: int = 5,
-        ema: Any = None,
     ):
         super().__init__()
         self.model = model
         self.data_loader = data_loader
         self._data_iter = None
         self.optimizer = optimizer
-        self.scheduler = scheduler
         self.accumulation_steps = max(1, accumulation_steps)
         self.clip_type = clip_type
         self.clip_value = clip_value
@@ -121,8 +163,8 @@ class SimpleTrainer(TrainerBase):
         self.scaler = (torch.amp.GradScaler(self.device_type)
                        if amp_dtype is torch.float16 and self.device_type == "cuda" else None)
         self.max_nonfinite_steps = max_nonfinite_steps
-        self.ema = ema
         self.nonfinite_in_a_row = 0
+        self.stepped = False
         self.last_losses: dict[str, float] = {}
         self.last_batch: list[dict[str, Any]] = []
 
@@ -140,6 +182,23 @@ class SimpleTrainer(TrainerBase):
     def run_step(self) -> None:
         assert self.model.training, "model must be in train mode"
         self.optimizer.zero_grad(set_to_none=True)
+        totals, local_bad, data_time, device = self.forward_backward()
+        bad_terms = self.nonfinite_terms(local_bad, device)
+        self.stepped = False
+        if bad_terms:
+            self._skip(bad_terms)
+            return
+        self.nonfinite_in_a_row = 0
+        self.stepped = self.optimizer_step()
+        self._log(totals, data_time)
+
+    def forward_backward(self) -> tuple[dict[str, float], set[str], float, torch.device | None]:
+        """Forward/backward over ``accumulation_steps`` micro-batches, each loss weighted 1/steps.
+
+        Returns (loss terms summed over micro-batches, this process's non-finite terms, data time, device).
+        Backward runs even on a non-finite loss (its gradients are discarded later): every DDP process must
+        take part in the gradient all-reduce.
+        """
         totals: dict[str, float] = {}
         local_bad: set[str] = set()
         data_time = 0.0
@@ -158,8 +217,6 @@ class SimpleTrainer(TrainerBase):
                 losses = sum(loss_dict.values())
                 device = losses.device
                 local_bad.update(k for k, v in loss_dict.items() if not torch.isfinite(v).all())
-                # Backward even on a non-finite loss (its gradients are discarded below): every DDP
-                # process must take part in the gradient all-reduce.
                 loss = losses * weight
                 if self.scaler is not None:
                     self.scaler.scale(loss).backward()
@@ -167,30 +224,26 @@ class SimpleTrainer(TrainerBase):
                     loss.backward()
             for k, v in loss_dict.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach()) * weight
-        bad_terms: list[str] = []
-        if _any_rank(bool(local_bad), device):
-            bad_terms = sorted({t for terms in comm.all_gather(sorted(local_bad)) for t in terms}) or ["loss"]
+        return totals, local_bad, data_time, device
 
-        if bad_terms:
-            self._skip(bad_terms)
-        else:
-            self.nonfinite_in_a_row = 0
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            self._clip()
-            stepped = True
-            if self.scaler is not None:
-                scale = self.scaler.get_scale()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                stepped = self.scaler.get_scale() >= scale  # the scale drops when the step was skipped
-            else:
-                self.optimizer.step()
-            if self.ema is not None and stepped:
-                self.ema.update(self.model)
-            self._log(totals, data_time)
-        if self.scheduler is not None:
-            self.scheduler.step()
+    def nonfinite_terms(self, local_bad: set[str], device: torch.device | None) -> list[str]:
+        """The loss terms non-finite on any process (collective when distributed); [] when all are finite."""
+        if not any_rank(bool(local_bad), device):
+            return []
+        return sorted({t for terms in comm.all_gather(sorted(local_bad)) for t in terms}) or ["loss"]
+
+    def optimizer_step(self) -> bool:
+        """Unscale (AMP), clip, step; False when the AMP scaler skipped the step (inf gradients)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        self._clip()
+        if self.scaler is None:
+            self.optimizer.step()
+            return True
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return self.scaler.get_scale() >= scale  # the scale drops when the step was skipped
 
     def _skip(self, bad_terms: list[str]) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -234,10 +287,13 @@ class SimpleTrainer(TrainerBase):
             logger.warning("iteration %d: logged total loss is non-finite", self.iter + 1)
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
+def any_rank(flag: bool, device: torch.device | None = None) -> bool:
     """True if ``flag`` is true on any process (collective when distributed)."""
     if comm.get_world_size() == 1:
         return flag
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" \
+            else torch.device("cpu")
     t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item())

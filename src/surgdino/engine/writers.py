@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict, deque
 from typing import Any
 
+from surgdino.errors import SurgDinoError
 from surgdino.log import get_logger
 
 logger = get_logger(__name__)
@@ -37,6 +39,19 @@ class EventStorage:
         vals = sorted(v for _, v in self._history[name])
         return vals[len(vals) // 2] if vals else float("nan")
 
+    def history_since(self, since: int) -> dict[str, list[tuple[int, float]]]:
+        """The smoothed scalars of iterations ``since ..`` now, per name (a writer's unwritten window)."""
+        out = {name: [(it, v) for it, v in hist if it >= since] for name, hist in self._history.items()}
+        return {k: v for k, v in out.items() if v}
+
+    def restore_history(self, history: dict[str, list[tuple[int, float]]]) -> None:
+        """Put back a ``history_since`` (from a checkpoint) before the values of the iterations that follow."""
+        for name, items in history.items():
+            hist = self._history[name]
+            older = list(hist)
+            hist.clear()
+            hist.extend([(int(it), float(v)) for it, v in items] + older)
+
     def mean_since(self, since: int) -> dict[str, float]:
         """Mean of each scalar over the iterations ``since ..`` now (within the window)."""
         out = {}
@@ -55,8 +70,12 @@ class JSONWriter:
         self._f = open(path, "a", encoding="utf-8")
 
     def write(self, iteration: int, scalars: dict[str, float]) -> None:
-        self._f.write(json.dumps({"iter": iteration, **scalars}, sort_keys=True) + "\n")
-        self._f.flush()
+        try:
+            self._f.write(json.dumps({"iter": iteration, **scalars}, sort_keys=True) + "\n")
+            self._f.flush()
+        except OSError as e:  # a full disk: one line, the checkpoints so far are intact
+            raise SurgDinoError(f"cannot write {self.path}: {e.strerror or e}; free space or use another "
+                                "OUTPUT_DIR, then continue with --resume") from None
 
     def close(self) -> None:
         self._f.close()
@@ -79,8 +98,19 @@ class TensorboardWriter:
         self._w.close()
 
 
+_MAIN_TERM = re.compile(r"^loss_[a-z]+$")  # the final layer's terms: no _0.._N, _dn, _interm suffix
+
+
+def main_loss_terms(scalars: dict[str, float], limit: int = 8) -> list[str]:
+    """The names the console shows: ``total_loss``, then the final layer's loss terms (``loss_ce``,
+    ``loss_mask`` …, not the auxiliary ``loss_ce_3``/``_dn``/``_interm`` ones) up to ``limit``."""
+    names = ["total_loss"] if "total_loss" in scalars else []
+    return names + sorted(k for k in scalars if _MAIN_TERM.match(k))[: limit - len(names)]
+
+
 class ConsoleWriter:
-    """A tqdm progress bar (ETA, it/s) updated every step, plus a log line of losses every write."""
+    """A tqdm progress bar (ETA, it/s) updated every step, plus a log line with the total and main loss
+    terms every write (all terms go to ``metrics.jsonl`` and TensorBoard)."""
 
     def __init__(self, start_iter: int, max_iter: int, enable_bar: bool = True):
         self.start_iter = start_iter
@@ -103,7 +133,7 @@ class ConsoleWriter:
                 self._bar.set_postfix(postfix, refresh=False)
 
     def write(self, iteration: int, scalars: dict[str, float]) -> None:
-        losses = "  ".join(f"{k}: {v:.4g}" for k, v in sorted(scalars.items()) if "loss" in k)
+        losses = "  ".join(f"{k}: {scalars[k]:.4g}" for k in main_loss_terms(scalars))
         lr = scalars.get("lr")
         eta = ""
         if self._bar is not None:

@@ -303,5 +303,7 @@ class COCOEvaluator:
             logger.info(f"Wrote {len(results)} detections of {len(image_ids)} images to {path}")
         metrics = evaluate_coco(self._gt, results, iou_types, self.max_dets, img_ids=image_ids,
                                 use_fast_eval=self.use_fast_eval, source=self.source)
-        logger.info(f"COCO evaluation of {len(image_ids)} images ({self.source}):\n" + format_metrics(metrics))
+        summary = "; ".join(f"{t} AP {m.get('AP', float('nan')):.1f}, AP50 {m.get('AP50', float('nan')):.1f}"
+                            for t, m in metrics.items() if isinstance(m, dict) and "AP" in m)
+        logger.info(f"COCO evaluation of {len(image_ids)} images ({self.source}): {summary}")  # tables: printed once by the caller
         return metrics

@@ -7,13 +7,12 @@
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from typing import Any
 
 import torch
 
+from surgdino.engine.checkpointer import atomic_write
 from surgdino.errors import CheckpointError
 from surgdino.modeling.backbone.convnext import (
     ConvNeXtBackbone,
@@ -24,20 +23,6 @@ from surgdino.modeling.backbone.convnext import (
 )
 
 FORMATS = ("surgdino", "d2")
-
-
-def _atomic_write(path: str, write) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".convert-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def convert_convnext(source: str, output: str, format: str | None = None) -> dict[str, Any]:
@@ -67,10 +52,10 @@ def convert_convnext(source: str, output: str, format: str | None = None) -> dic
                               f"missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
     weights = {k: v.detach().contiguous() for k, v in weights.items()}
     if fmt == "surgdino":
-        _atomic_write(output, lambda f: torch.save(weights, f))
+        atomic_write(output, lambda f: torch.save(weights, f))
     else:
         payload = {"model": {f"backbone.{k}": v.numpy() for k, v in weights.items()},
                    "__author__": "surgdino", "matching_heuristics": False}
-        _atomic_write(output, lambda f: pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL))
+        atomic_write(output, lambda f: pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL))
     return {"output": output, "format": fmt, "depths": depths, "dims": dims, "size": size_name(depths, dims),
             "tensors": len(weights), "dropped": dropped}

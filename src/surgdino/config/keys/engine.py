@@ -1,6 +1,7 @@
 """Keys of the training engine, solver, evaluation and the generic model keys."""
 
 from surgdino.config.core import declare as d
+from surgdino.errors import ConfigError
 
 d("OUTPUT_DIR", "./output", "str", "Folder for config.yaml, logs, metrics, checkpoints, evaluation results and plots.")
 d("SEED", -1, "int", "Random seed for weights, data order and augmentation; -1 picks one and logs it.")
@@ -73,9 +74,15 @@ d("MODEL_EMA.DECAY", 0.999, "float",
   "averages are not dominated by the random initialisation. Averages over about 1 / (1 - DECAY) steps.")
 
 
-def _check_ema(cfg) -> None:
-    from surgdino.engine.ema import check_decay
+def check_decay(decay: float, key: str = "MODEL_EMA.DECAY") -> float:
+    """``decay`` if in [0, 1), else a ConfigError naming ``key`` (used by the config check and ``ModelEMA``)."""
+    if not 0.0 <= decay < 1.0:
+        raise ConfigError(f"{key} = {decay} must be in [0, 1) (e.g. 0.999; closer to 1 averages over more "
+                          "steps, about 1 / (1 - DECAY))")
+    return float(decay)
 
+
+def _check_ema(cfg) -> None:
     check_decay(cfg.MODEL_EMA.DECAY)
 
 

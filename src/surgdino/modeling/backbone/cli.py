@@ -54,14 +54,9 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 
 def _device(name: str) -> torch.device:
-    import torch
+    from surgdino.device import resolve_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    return dev
+    return resolve_device(name, "--device")
 
 
 def _peak_memory_mb(device: torch.device) -> tuple[float, str]:

@@ -10,7 +10,6 @@ identity-like (weight 1, bias 0) and are always trained. Weights load from the o
 from __future__ import annotations
 
 import os
-import pickle
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -21,6 +20,7 @@ from timm.models.convnext import ConvNeXt
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from surgdino.checkpoint_io import load_file, register_weight_converter, unwrap_state_dict
 from surgdino.errors import CheckpointError, ConfigError
 from surgdino.log import get_logger
 from surgdino.modeling.backbone.base import Backbone, ShapeSpec
@@ -178,21 +178,16 @@ for _size in CONVNEXT_SIZES:
 # ---------------------------------------------------------------- weights
 
 def read_weights_file(path: str) -> dict[str, Any]:
-    """Read a ``.pth``/``.pt`` (tensors only, ``weights_only``) or a detectron2 ``.pkl`` into a dict."""
+    """Read a ``.pth``/``.pt`` or a detectron2 ``.pkl`` into a dict, weights only (``checkpoint_io.load_file``:
+    a file that would run code or build other Python objects is refused, naming the object)."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a directory; give the ConvNeXt checkpoint file (.pth, .pt or .pkl)")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file; give the path of a ConvNeXt checkpoint (.pth, .pt or .pkl)")
     try:
-        if path.endswith(".pkl"):
-            with open(path, "rb") as f:
-                data = pickle.load(f, encoding="latin1")
-        else:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: cannot be read as tensors only ({str(e).splitlines()[0][:160]}); "
-                              "save just its state dict with torch.save(state_dict, path) and retry") from e
-    except Exception as e:  # truncated zip, wrong format
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:160]}); "
-                              "the file may be truncated or not a PyTorch/pickle file") from e
+        data = load_file(path)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
     if not isinstance(data, Mapping):
         raise CheckpointError(f"{path}: holds a {type(data).__name__}, not a dict of weights")
     return dict(data)
@@ -200,17 +195,7 @@ def read_weights_file(path: str) -> dict[str, Any]:
 
 def _unwrap(state: Mapping[str, Any]) -> dict[str, Any]:
     """Take the weights out of {"model_ema"|"model"|"state_dict": ...} wrappers (EMA first) and DDP's ``module.``."""
-    for _ in range(3):
-        for key in ("model_ema", "model", "state_dict"):
-            inner = state.get(key)
-            if isinstance(inner, Mapping) and inner:
-                state = inner
-                break
-        else:
-            break
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return dict(state)
+    return unwrap_state_dict(state, ("model_ema", "model", "state_dict"))
 
 
 def detect_convnext_format(state: Mapping[str, Any]) -> str:
@@ -315,11 +300,22 @@ def load_convnext_weights(backbone: ConvNeXtBackbone,
     return missing, unexpected
 
 
+@register_weight_converter
 def convnext_as_model_weights(state: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
-    """A bare ConvNeXt checkpoint (official, timm or ours) as full-model weights named ``backbone.*``, so
-    ``MODEL.WEIGHTS`` can point at it; None when ``state`` is something else (e.g. a full-model checkpoint)."""
+    """ConvNeXt layouts as full-model weights: a bare ConvNeXt checkpoint (official, timm or ours) becomes
+    ``backbone.*``, and a full model's official-layout ``backbone.downsample_layers.*`` names are converted;
+    None when ``state`` is something else (e.g. one of our full-model checkpoints). Registered in
+    ``checkpoint_io`` so ``MODEL.WEIGHTS`` can point at such files."""
     state = _unwrap(state)
-    if not state or any(k.startswith("backbone.") for k in state):
+    if not state:
+        return None
+    if any(k.startswith("backbone.downsample_layers.") for k in state):  # official ConvNeXt detection names
+        converted, _ = to_surgdino_convnext({k: v for k, v in state.items() if k.startswith("backbone.")})
+        out = {k: torch.as_tensor(v) for k, v in state.items()
+               if not k.startswith("backbone.") and hasattr(v, "shape")}
+        out.update({f"backbone.{k}": v for k, v in converted.items()})
+        return out
+    if any(k.startswith("backbone.") for k in state):
         return None
     try:
         detect_convnext_format(state)

@@ -195,13 +195,9 @@ class SurgeryCLIPBackbone(Backbone):
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        logger.warning("device %s requested but CUDA is not available; using the CPU", device)
-        return torch.device("cpu")
-    return device
+    from surgdino.device import resolve_device
+
+    return resolve_device(device, "args.device")
 
 
 def build_surgeryclip_backbone(args) -> tuple[SurgeryCLIPBackbone, list[int]]:

@@ -112,19 +112,14 @@ def _load_raw(path: str) -> tuple[object, str]:
 
 def _unwrap(obj: object, path: str) -> dict[str, torch.Tensor]:
     """Find the tensor dict inside training-script containers (``state_dict``/``model``), drop ``module.``."""
-    for _ in range(3):
-        if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-            inner = next((obj[k] for k in _CONTAINERS if isinstance(obj.get(k), dict)), None)
-            if inner is None:
-                break
-            obj = inner
+    if isinstance(obj, dict):
+        from surgdino.checkpoint_io import unwrap_state_dict
+
+        obj = unwrap_state_dict(obj, _CONTAINERS)
     if not isinstance(obj, dict) or not obj:
         raise CheckpointError(f"{path}: expected a state dict (name → tensor), possibly under 'state_dict' or 'model'; "
                               f"found {('a dict with keys ' + str(list(obj)[:6])) if isinstance(obj, dict) else type(obj).__name__}")
-    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
 def _strip_prefix(sd: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
