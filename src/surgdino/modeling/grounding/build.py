@@ -22,7 +22,7 @@ def in_features_for(indices: list[int], shapes: dict) -> list[str]:
     return [names[i - offset] for i in indices]
 
 
-def build_grounding_dino(cls, cfg):
+def grounding_dino_kwargs(cfg) -> dict:
     g = cfg.MODEL.GDINO
     if g.DN_NUMBER != 0:
         raise ConfigError(f"MODEL.GDINO.DN_NUMBER = {g.DN_NUMBER}: denoising queries are not implemented for "
@@ -38,7 +38,7 @@ def build_grounding_dino(cls, cfg):
         matcher, cls_loss_coef=g.CLS_LOSS_COEF, bbox_loss_coef=g.BBOX_LOSS_COEF, giou_loss_coef=g.GIOU_LOSS_COEF,
         interm_loss_coef=g.INTERM_LOSS_COEF, no_interm_box_loss=g.NO_INTERM_BOX_LOSS, aux_loss=g.AUX_LOSS,
         focal_alpha=g.FOCAL_ALPHA, focal_gamma=g.FOCAL_GAMMA)
-    return cls(
+    return dict(
         backbone=backbone, in_features=in_features, text_encoder=text_encoder, text_dim=text_encoder.hidden_size,
         num_feature_levels=g.NUM_FEATURE_LEVELS, hidden_dim=g.HIDDEN_DIM, nheads=g.NHEADS,
         dim_feedforward=g.DIM_FEEDFORWARD, enc_layers=g.ENC_LAYERS, dec_layers=g.DEC_LAYERS,

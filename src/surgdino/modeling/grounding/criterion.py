@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from surgdino.modeling.maskdino.box_ops import (
+from surgdino.modeling.layers.geometry import (
     box_cxcywh_to_xyxy,
     generalized_box_iou,
     pairwise_generalized_box_iou,

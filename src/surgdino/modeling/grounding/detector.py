@@ -16,7 +16,7 @@ from surgdino.modeling.grounding.decoder import GroundingDecoder
 from surgdino.modeling.grounding.encoder import FeatureEnhancer
 from surgdino.modeling.grounding.selection import QuerySelection
 from surgdino.modeling.layers import PositionEmbeddingSine
-from surgdino.modeling.pixel_decoder import valid_ratios
+from surgdino.modeling.layers.geometry import valid_ratios
 from surgdino.structures import resize_mask
 
 # BERT ids of [CLS], [SEP], "." and "?": the phrase delimiters of the reference's captions

@@ -17,7 +17,7 @@ from surgdino.modeling.grounding.attention import (
     sine_embedding_1d,
 )
 from surgdino.modeling.layers import MSDeformAttn
-from surgdino.modeling.pixel_decoder import encoder_reference_points
+from surgdino.modeling.layers.geometry import encoder_reference_points
 
 
 class DeformableLayer(nn.Module):

@@ -14,7 +14,7 @@ import torch
 from surgdino.errors import SurgDinoError
 from surgdino.modeling.grounding.detector import GroundingDINODetector
 from surgdino.modeling.grounding.prompts import TokenizedPrompt, encode_prompt, tokenize_prompt
-from surgdino.modeling.maskdino.box_ops import box_xyxy_to_cxcywh
+from surgdino.modeling.layers.geometry import box_xyxy_to_cxcywh
 from surgdino.registry import META_ARCH_REGISTRY
 from surgdino.structures import batch_images
 
@@ -40,10 +40,11 @@ class GroundingDINO(GroundingDINODetector):
         self.register_buffer("pixel_std", torch.tensor(std).view(-1, 1, 1), persistent=False)
 
     @classmethod
-    def from_config(cls, cfg) -> GroundingDINO:
-        from surgdino.modeling.grounding.build import build_grounding_dino
+    def from_config(cls, cfg) -> dict:
+        """Keyword arguments of the model described by ``cfg`` (``MODEL.GDINO.*``)."""
+        from surgdino.modeling.grounding.build import grounding_dino_kwargs
 
-        return build_grounding_dino(cls, cfg)
+        return grounding_dino_kwargs(cfg)
 
     @classmethod
     def from_hf_pretrained(cls, folder: str) -> GroundingDINO:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from surgdino.modeling.grounding.prompts import class_scores
-from surgdino.modeling.maskdino.box_ops import box_cxcywh_to_xyxy
+from surgdino.modeling.layers.geometry import box_cxcywh_to_xyxy
 
 
 class GroundingPostProcessor:

@@ -10,10 +10,10 @@ from torch import nn
 
 from surgdino.modeling.grounding.attention import ContrastiveHead
 from surgdino.modeling.layers import MLP
-from surgdino.modeling.maskdino.decoder import token_boxes
+from surgdino.modeling.layers.geometry import encoder_proposals as token_boxes
 
 
-def encoder_proposals(memory: torch.Tensor, pad: torch.Tensor, shapes: list[tuple[int, int]]
+def proposal_logits(memory: torch.Tensor, pad: torch.Tensor, shapes: list[tuple[int, int]]
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """memory [B, S, D], pad [B, S] → (memory with invalid tokens zeroed [B, S, D], proposal logits [B, S, 4]
     (inverse sigmoid of cxcywh; +inf for padding and for boxes touching the border))."""
@@ -41,7 +41,7 @@ class QuerySelection(nn.Module):
                 text: torch.Tensor, text_valid: torch.Tensor) -> dict[str, torch.Tensor]:
         """→ ``topk [B, K]`` token indices, ``ref_boxes [B, K, 4]`` (detached, sigmoid), ``queries [B, K, D]``
         (selected encoder features, detached), ``enc_pred_logits [B, K, 256]``, ``enc_pred_boxes [B, K, 4]``."""
-        masked, proposals = encoder_proposals(memory, pad, shapes)
+        masked, proposals = proposal_logits(memory, pad, shapes)
         feats = self.enc_output_norm(self.enc_output(masked))  # [B, S, D]
         enc_logits = self.class_embed(feats, text, text_valid)  # [B, S, Tmax]
         enc_coords = self.bbox_embed(feats) + proposals  # [B, S, 4]
