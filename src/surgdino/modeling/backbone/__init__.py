@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from surgdino.modeling.backbone.base import Backbone, ShapeSpec
 
 _MODULES = ("surgdino.modeling.backbone.convnext", "surgdino.modeling.backbone.surgeryclip",
-            "surgdino.modeling.backbone.resnet")
+            "surgdino.modeling.backbone.resnet", "surgdino.modeling.backbone.swin")
 
 
 def _fill_registry() -> None:
