@@ -6,7 +6,7 @@ import importlib
 
 from surgdino.registry import META_ARCH_REGISTRY
 
-_MODULES = ("surgdino.modeling.maskdino.model",)
+_MODULES = ("surgdino.modeling.maskdino.model", "surgdino.modeling.grounding.model")
 
 
 def build_model(cfg):

@@ -7,7 +7,7 @@ import importlib
 from surgdino.modeling.backbone.base import Backbone, ShapeSpec
 from surgdino.registry import BACKBONE_REGISTRY
 
-_MODULES = ("surgdino.modeling.backbone.convnext", "surgdino.modeling.backbone.surgeryclip")
+_MODULES = ("surgdino.modeling.backbone.convnext", "surgdino.modeling.backbone.surgeryclip", "surgdino.modeling.backbone.swin")
 
 
 def _fill_registry() -> None:
