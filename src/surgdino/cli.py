@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "surgdino.tools.cli",  # convert convnext
     "surgdino.engine.cli",  # train | predict | demo
     "surgdino.modeling.backbone.cli",  # check-backbone
+    "surgdino.engine.check_detector",  # check-detector
 )
 
 

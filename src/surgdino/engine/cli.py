@@ -56,6 +56,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", help="an image, a folder of images, or a glob pattern (quoted); required")
     p.add_argument("--output", help="folder for the drawings and coco_results.json; required")
     p.add_argument("--score-threshold", type=float, default=0.5, help="draw and keep instances scoring at least this")
+    p.add_argument("--prompt", help='GroundingDINO: what to find, e.g. "mayo scissors . allis forceps" '
+                   "(default: the dataset's class names)")
+    p.add_argument("--box-threshold", type=float, default=0.35,
+                   help="GroundingDINO: keep boxes whose best token probability exceeds this (default 0.35)")
+    p.add_argument("--text-threshold", type=float, default=0.25,
+                   help="GroundingDINO: a box's phrase is the prompt's words at tokens above this (default 0.25)")
     add_config_arguments(p)
     p.set_defaults(func=lambda a: _predict(p, a))
 
@@ -119,8 +125,16 @@ def _predict(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error(f"the following arguments are required: {', '.join('--' + m for m in missing)}")
     cfg = load_config(args.config_file, args.opts)
     paths = list_images(args.input)
-    predictor = Predictor(cfg)
-    out = predict_files(predictor, paths, args.output, score_threshold=args.score_threshold)
+    threshold = args.score_threshold
+    if args.prompt or cfg.MODEL.META_ARCHITECTURE == "GroundingDINO":
+        from surgdino.engine.grounded_predictor import GroundedPredictor
+
+        predictor = GroundedPredictor(cfg, args.prompt, box_threshold=args.box_threshold,
+                                      text_threshold=args.text_threshold)
+        threshold = 0.0  # boxes are already those above --box-threshold
+    else:
+        predictor = Predictor(cfg)
+    out = predict_files(predictor, paths, args.output, score_threshold=threshold)
     print(f"{len(out['images'])} drawings and {os.path.basename(out['results'])} "
           f"({out['num_instances']} instances) in {os.path.abspath(args.output)}")
     return 0
