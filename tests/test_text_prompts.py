@@ -182,6 +182,9 @@ def test_phrases_and_class_scores(minilm_tokenizer):
     probs[1, 4:9] = 0.6  # 14 . 5 cm ruler
     probs[2, 3] = 0.9  # the delimiter alone: no phrase
     assert phrases(p, probs, 0.3) == ["mayo scissors", "14.5 cm ruler", ""]
+    piece = torch.zeros(1, 256)
+    piece[0, 11] = 0.9  # "##is" of "allis": the whole word
+    assert phrases(p, piece, 0.3) == ["allis"]
     scores = class_scores(probs, p.positive_map)
     assert scores.shape == (3, 3)
     torch.testing.assert_close(scores[0], torch.tensor([0.9, 0.0, 0.0]))

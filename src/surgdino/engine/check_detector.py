@@ -169,19 +169,24 @@ def check_detector(cfg, *, sizes: list[tuple[int, int]], prompt: str | None = No
     if not torch.isfinite(total):
         print("  NON-FINITE loss", file=out)
         ok = False
-    by_part: dict[str, list[str]] = {}
+    by_part: dict[str, list[str]] = {}  # no gradient (not connected to the loss) or a non-finite one
+    zero: dict[str, list[str]] = {}  # connected, but exactly 0 at this step (e.g. behind a zero-initialised layer)
     counts: dict[str, list[int]] = {}
     for name, p in trainable:
         part = name.split(".")[0]
         c = counts.setdefault(part, [0, 0])
         c[1] += 1
-        if p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0:
-            c[0] += 1
-        else:
+        if p.grad is None or not torch.isfinite(p.grad).all():
             by_part.setdefault(part, []).append(name)
+            continue
+        c[0] += 1
+        if not p.grad.any():
+            zero.setdefault(part, []).append(name)
     for part, (got, n) in counts.items():
-        missed = by_part.get(part, [])
-        print(f"  gradients {part}: {got}/{n} trainable tensors" + (f"; none for {missed[:4]}" if missed else ""), file=out)
+        missed, zeros = by_part.get(part, []), zero.get(part, [])
+        print(f"  gradients {part}: {got}/{n} trainable tensors" + (f"; none for {missed[:4]}" if missed else "")
+              + (f"; all-zero this step for {zeros[:2]}" + (" ..." if len(zeros) > 2 else "") if zeros else ""),
+              file=out)
     frozen = [n for n, m in _parts(model) if not any(p.requires_grad for p in m.parameters())]
     if frozen:
         print(f"  frozen (no gradients by design): {', '.join(frozen)}", file=out)

@@ -264,9 +264,19 @@ def class_scores(token_probs: torch.Tensor, positive_map: torch.Tensor) -> torch
     return token_probs[..., :t] @ positive_map.to(token_probs).t()
 
 
+def _word(text: str, start: int, end: int) -> tuple[int, int]:
+    """The whitespace-delimited word of ``text`` holding characters ``start:end``."""
+    while start > 0 and not text[start - 1].isspace():
+        start -= 1
+    while end < len(text) and not text[end].isspace():
+        end += 1
+    return start, end
+
+
 def phrases(prompt: TokenizedPrompt, token_probs: torch.Tensor, text_threshold: float) -> list[str]:
     """The reference's phrase of each detection: the prompt's words at tokens scoring > ``text_threshold``
-    (``token_probs [N, T']``); special tokens and phrase delimiters are left out. Pooled: the class names."""
+    (``token_probs [N, T']``); special tokens and phrase delimiters are left out, and a word-piece stands for
+    its whole word ("cl" of "clamp" gives "clamp"; the reference would print "cl"). Pooled: the class names."""
     t = prompt.num_tokens
     keep = token_probs[:, :t].detach().cpu() > text_threshold  # [N, T]
     if prompt.mode == "pooled":
@@ -276,7 +286,9 @@ def phrases(prompt: TokenizedPrompt, token_probs: torch.Tensor, text_threshold: 
     for row in keep & in_name:
         pieces: list[list[int]] = []
         for j in row.nonzero().flatten().tolist():
-            s, e = prompt.offsets[j]
+            s, e = _word(prompt.caption, *prompt.offsets[j])
+            if pieces and s < pieces[-1][1]:
+                continue  # another piece of the same word
             if pieces and prompt.caption[pieces[-1][1]:s].strip() == "":
                 pieces[-1][1] = e  # contiguous in the caption: one piece ("14.5 cm", "allis")
             else:
