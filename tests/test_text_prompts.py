@@ -191,3 +191,19 @@ def test_phrases_and_class_scores(minilm_tokenizer):
     torch.testing.assert_close(scores[1, 1], torch.tensor(0.6))
     pooled = tokenize_prompt(minilm_tokenizer, ["mayo scissors", "allis forceps"], mode="pooled")
     assert phrases(pooled, torch.tensor([[0.1, 0.8]]), 0.25) == ["allis forceps"]
+
+
+def test_frozen_encoder_features_are_computed_once_per_prompt(tiny_bert):
+    p = tokenize_prompt(tiny_bert.tokenizer, ["mayo scissors", "allis forceps"], mode="pooled")
+    calls = []
+    hook = tiny_bert.model.register_forward_hook(lambda m, i, o: calls.append(1))
+    first = encode_prompt(tiny_bert, p)
+    again = encode_prompt(tiny_bert, p)
+    assert len(calls) == 1 and again is first
+    with torch.no_grad():  # new weights (a checkpoint loaded): computed again
+        tiny_bert.model.embeddings.word_embeddings.weight.mul_(2.0)
+    changed = encode_prompt(tiny_bert, p)
+    hook.remove()
+    assert len(calls) == 2 and not torch.allclose(changed, first)
+    with torch.no_grad():
+        tiny_bert.model.embeddings.word_embeddings.weight.div_(2.0)
