@@ -58,3 +58,22 @@ def test_an_unused_parameter_fails_the_check(monkeypatch):
 def test_cli_needs_two_sizes_and_a_config(capsys):
     assert main(["check-detector", "--config-file", DEMO, "--sizes", "64x64"]) == 2
     assert "two sizes" in capsys.readouterr().err
+
+
+GDINO_TINY = ["MODEL.META_ARCHITECTURE", "GroundingDINO", "MODEL.DEVICE", "cpu", "MODEL.MASK_ON", "False",
+              "MODEL.BACKBONE.NAME", "convnext_atto", "MODEL.CONVNEXT.DROP_PATH_RATE", "0.0",
+              "MODEL.GDINO.TEXT_ENCODER.NAME", "minilm", "MODEL.GDINO.HIDDEN_DIM", "64", "MODEL.GDINO.NHEADS", "4",
+              "MODEL.GDINO.DIM_FEEDFORWARD", "128", "MODEL.GDINO.ENC_LAYERS", "1", "MODEL.GDINO.DEC_LAYERS", "2",
+              "MODEL.GDINO.NUM_QUERIES", "30", "MODEL.GDINO.RETURN_INTERM_INDICES", "[0, 1, 2, 3]",
+              "MODEL.GDINO.NUM_FEATURE_LEVELS", "4", "MODEL.GDINO.FUSION_DROPPATH", "0.0"]
+
+
+def test_groundingdino_check_with_prompt(capsys):
+    code = main(["check-detector", "--config-file", DEMO, "--prompt", "mayo scissors . 14.5 cm ruler . allis forceps",
+                 "--sizes", "96x128", "64x96", *GDINO_TINY, "MODEL.GDINO.PROMPT_MODE", "pooled"])
+    text = capsys.readouterr().out
+    assert "prompt (pooled): 3 classes, 3 text tokens" in text
+    assert "text_encoder → 3x" in text and "decoder → {pred_logits: 2x2x30x" in text  # 2 layers, batch 2, 30 queries
+    assert "image 1: boxes" in text and "train step:" in text and "loss_giou" in text
+    assert "frozen (no gradients by design): text_encoder" in text
+    assert ("none for" in text) == (code == 1) and text.strip().endswith("OK" if code == 0 else "FAILED")
