@@ -7,7 +7,7 @@ import argparse
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert pretrained weights into SurgDINO / detectron2 format")
-    csub = p.add_subparsers(dest="convert_command", metavar="{convnext}")
+    csub = p.add_subparsers(dest="convert_command", metavar="{convnext,groundingdino}")
     c = csub.add_parser(
         "convnext",
         help="ConvNeXt checkpoint (official ImageNet .pth, timm, ours) → backbone weights or detectron2 .pkl",
@@ -20,7 +20,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--format", choices=["surgdino", "d2"], default=None,
                    help="output format (default: d2 if --output ends in .pkl, else surgdino)")
     c.set_defaults(func=_convnext)
+    g = csub.add_parser(
+        "groundingdino", help="GroundingDINO checkpoint (transformers folder or IDEA's .pth) → SurgDINO weights",
+        description="Convert a transformers GroundingDINO folder (config.json + model.safetensors) or IDEA's original "
+                    "groundingdino_swint_ogc.pth into weights MODEL.WEIGHTS loads (mismatched parts are skipped there "
+                    "with a log line, e.g. backbone and input projections when fine-tuning with another backbone).")
+    g.add_argument("--source", required=True, metavar="PATH", help="transformers folder or IDEA .pth")
+    g.add_argument("--output", required=True, metavar="FILE", help="output .pth")
+    g.set_defaults(func=_groundingdino)
     p.set_defaults(func=lambda a: p.print_help() or 2)
+
+
+def _groundingdino(args: argparse.Namespace) -> int:
+    from surgdino.tools.convert_groundingdino import convert_groundingdino
+
+    info = convert_groundingdino(args.source, args.output)
+    print(f"wrote {info['output']}: {info['tensors']} tensors from the {info['layout']} layout"
+          + (f"; {len(info['unmapped'])} not mapped: {', '.join(info['unmapped'][:5])}" if info["unmapped"] else ""))
+    print(f"use it with: --config-file configs/groundingdino_swint.yaml MODEL.WEIGHTS {info['output']}")
+    return 0
 
 
 def _convnext(args: argparse.Namespace) -> int:

@@ -72,9 +72,13 @@ def _swin_current(name: str) -> str:
 
 
 def hf_to_ours(name: str) -> str | None:
+    """A transformers ``GroundingDinoForObjectDetection`` weight name → ours (None: not a weight of ours)."""
     for old, new in _RENAMES:
         if name.startswith(old):
-            return new + name[len(old):]
+            out = new + name[len(old):]
+            if out.startswith("backbone.body."):
+                out = "backbone.body." + _swin_current(out[len("backbone.body."):])
+            return out
     return None
 
 
@@ -134,8 +138,6 @@ def load_hf_state_dict(model: nn.Module, hf_state: dict[str, torch.Tensor], sour
     mapped, unused = {}, []
     for k, v in hf_state.items():
         new = hf_to_ours(k)
-        if new is not None and new not in ours and new.startswith("backbone.body."):
-            new = "backbone.body." + _swin_current(new[len("backbone.body."):])
         if new is None or new not in ours:
             if not _IGNORED.search(k):
                 unused.append(k)
