@@ -182,9 +182,28 @@ def test_phrases_and_class_scores(minilm_tokenizer):
     probs[1, 4:9] = 0.6  # 14 . 5 cm ruler
     probs[2, 3] = 0.9  # the delimiter alone: no phrase
     assert phrases(p, probs, 0.3) == ["mayo scissors", "14.5 cm ruler", ""]
+    piece = torch.zeros(1, 256)
+    piece[0, 11] = 0.9  # "##is" of "allis": the whole word
+    assert phrases(p, piece, 0.3) == ["allis"]
     scores = class_scores(probs, p.positive_map)
     assert scores.shape == (3, 3)
     torch.testing.assert_close(scores[0], torch.tensor([0.9, 0.0, 0.0]))
     torch.testing.assert_close(scores[1, 1], torch.tensor(0.6))
     pooled = tokenize_prompt(minilm_tokenizer, ["mayo scissors", "allis forceps"], mode="pooled")
     assert phrases(pooled, torch.tensor([[0.1, 0.8]]), 0.25) == ["allis forceps"]
+
+
+def test_frozen_encoder_features_are_computed_once_per_prompt(tiny_bert):
+    p = tokenize_prompt(tiny_bert.tokenizer, ["mayo scissors", "allis forceps"], mode="pooled")
+    calls = []
+    hook = tiny_bert.model.register_forward_hook(lambda m, i, o: calls.append(1))
+    first = encode_prompt(tiny_bert, p)
+    again = encode_prompt(tiny_bert, p)
+    assert len(calls) == 1 and again is first
+    with torch.no_grad():  # new weights (a checkpoint loaded): computed again
+        tiny_bert.model.embeddings.word_embeddings.weight.mul_(2.0)
+    changed = encode_prompt(tiny_bert, p)
+    hook.remove()
+    assert len(calls) == 2 and not torch.allclose(changed, first)
+    with torch.no_grad():
+        tiny_bert.model.embeddings.word_embeddings.weight.div_(2.0)

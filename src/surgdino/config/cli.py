@@ -42,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     keys = csub.add_parser("keys", help="list config keys with type, default and doc")
     keys.add_argument("prefix", nargs="?", default="", help="only keys starting with this, e.g. MODEL.MaskDINO")
     keys.set_defaults(func=_keys)
+    from surgdino.config.import_gdino import register as register_import_gdino
+
+    register_import_gdino(csub)
     p.set_defaults(func=lambda a: p.print_help() or 2)
 
 

@@ -43,9 +43,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-root", metavar="DIR", help="folder the json's file_name are relative to (with --annotations)")
     p.add_argument("--dataset", metavar="NAME", help="like --annotations, for a dataset declared in the config")
     p.add_argument("--onnx", metavar="FILE", help="run this `surgdino export` file with onnxruntime (no config file)")
+    p.add_argument("--prompt", help='GroundingDINO: what to find, e.g. "mayo scissors . allis forceps" '
+                   "(default: the dataset's class names)")
+    p.add_argument("--box-threshold", type=float, default=0.35,
+                   help="GroundingDINO: keep boxes whose best token probability exceeds this (default 0.35)")
+    p.add_argument("--text-threshold", type=float, default=0.25,
+                   help="GroundingDINO: a box's phrase is the prompt's words at tokens above this (default 0.25)")
     add_config_arguments(p)
     p.usage = ("surgdino predict --input IMAGES --output DIR [--score-threshold T] [--annotations JSON "
-               "[--image-root DIR] | --dataset NAME] [--config-file FILE] [--threads N] [KEY VALUE ...]")
+               "[--image-root DIR] | --dataset NAME] "
+               "[--prompt TEXT --box-threshold B --text-threshold T] [--config-file FILE] [--threads N] [KEY VALUE ...]")
     p.set_defaults(func=lambda a: _predict(p, a))
 
     from surgdino.deploy.cli import register_export
@@ -94,8 +101,16 @@ def _predict(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return predict_onnx(args)
     cfg = load_config(args.config_file, args.opts)
     paths = list_images(args.input)
-    predictor = Predictor(cfg)
-    out = predict_files(predictor, paths, args.output, score_threshold=args.score_threshold,
+    threshold = args.score_threshold
+    if args.prompt or cfg.MODEL.META_ARCHITECTURE == "GroundingDINO":
+        from surgdino.engine.grounded_predictor import GroundedPredictor
+
+        predictor = GroundedPredictor(cfg, args.prompt, box_threshold=args.box_threshold,
+                                      text_threshold=args.text_threshold)
+        threshold = 0.0  # boxes are already those above --box-threshold
+    else:
+        predictor = Predictor(cfg)
+    out = predict_files(predictor, paths, args.output, score_threshold=threshold,
                         image_ids=dataset_image_ids(cfg, args, paths, predictor))
     print(f"{len(out['images'])} drawings and {os.path.basename(out['results'])} "
           f"({out['num_instances']} instances) in {os.path.abspath(args.output)}")

@@ -34,7 +34,9 @@ def get_param_groups(
     backbone_multiplier: float = 1.0,
 ) -> list[dict[str, Any]]:
     """One group per (lr, weight decay) pair: norms, embeddings and biases get their own decay and the
-    parameters under a ``backbone`` module get ``base_lr * backbone_multiplier``."""
+    parameters under a ``backbone`` module get ``base_lr * backbone_multiplier``; those under a module with an
+    ``lr_multiplier`` attribute (e.g. a text encoder) are also multiplied by the innermost one."""
+    mults = {n: float(m.lr_multiplier) for n, m in model.named_modules() if hasattr(m, "lr_multiplier")}
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     seen: set[int] = set()
     for mod_name, module in model.named_modules():
@@ -52,6 +54,8 @@ def get_param_groups(
             else:
                 wd = weight_decay
             lr = base_lr * backbone_multiplier if "backbone" in full.split(".") else base_lr
+            owners = [n for n in mults if not n or mod_name == n or mod_name.startswith(n + ".")]
+            lr *= mults[max(owners, key=len)] if owners else 1.0
             groups.setdefault((lr, wd), []).append(p)
     return [{"params": ps, "lr": lr, "initial_lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
 

@@ -187,11 +187,16 @@ def predict_files(predictor: Predictor, paths: list[str], output_dir: str, *,
         out = predictor(image, image_id, path)
         keep = torch.as_tensor(out["scores"]).detach().cpu() >= score_threshold
         out = {k: (v.detach().cpu()[keep] if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
-        results += instances_to_coco_results(out, image_id, predictor.contiguous_to_dataset_id)
+        found = instances_to_coco_results(out, image_id, predictor.contiguous_to_dataset_id)
+        for r, phrase in zip(found, out.get("phrases") or []):  # GroundingDINO --prompt: the phrase of each box
+            r["phrase"] = phrase
+        results += found
         images.append({"id": image_id, "file_name": os.path.abspath(path),
                        "height": int(image.shape[0]), "width": int(image.shape[1])})
-        picture = draw_instances(image, out["boxes"], out.get("masks"), out["labels"],
-                                 predictor.thing_classes or None, out["scores"])
+        labels, names = out["labels"], predictor.thing_classes or None
+        if "phrases" in out:
+            labels, names = torch.arange(len(out["phrases"])), [p or "?" for p in out["phrases"]]
+        picture = draw_instances(image, out["boxes"], out.get("masks"), labels, names, out["scores"])
         name = os.path.splitext(os.path.basename(path))[0]
         stem, k = name, 1
         while stem in used:

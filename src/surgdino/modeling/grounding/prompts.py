@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -138,13 +138,14 @@ class TokenizedPrompt:
     positive_map: torch.Tensor
     offsets: list[tuple[int, int]]
     num_dropped: int = 0
+    _cache: tuple | None = field(default=None, repr=False, compare=False)  # (key, features) of encode_prompt
 
     @property
     def num_tokens(self) -> int:
         return int(self.positive_map.shape[1])
 
     def to(self, device: torch.device | str) -> TokenizedPrompt:
-        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        kw = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
         return TokenizedPrompt(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in kw.items()})
 
 
@@ -247,14 +248,27 @@ def _tokenize_pooled(tokenizer: TextTokenizer, names: list[str]) -> TokenizedPro
 
 
 def encode_prompt(encoder: TextEncoder, prompt: TokenizedPrompt) -> torch.Tensor:
-    """Text features ``[1, T, D]`` of a prompt (one batched encoder call in either mode)."""
-    device = next(encoder.parameters()).device
+    """Text features ``[1, T, D]`` of a prompt (one batched encoder call in either mode).
+
+    A frozen encoder's features are computed once per prompt and kept on it (recomputed when the
+    encoder's weights change, e.g. a checkpoint is loaded): 500 pooled names cost one encoder pass in
+    all, not one per training step.
+    """
+    params = list(encoder.parameters())
+    device = params[0].device
+    frozen = getattr(encoder, "frozen", False) or not any(q.requires_grad for q in params)
+    stochastic = any(m.training for m in list(encoder.modules())[1:])  # dropout on? (off in a frozen TextEncoder)
+    key = (id(encoder), str(device), stochastic, tuple(q._version for q in params)) if frozen else None
+    if key is not None and prompt._cache is not None and prompt._cache[0] == key:
+        return prompt._cache[1]
     p = prompt.to(device)
-    hidden = encoder(p.input_ids, attention_mask=p.encoder_mask, position_ids=p.position_ids,
-                     token_type_ids=p.token_type_ids)  # [N, L, D]
-    if prompt.mode == "pooled":
-        return encoder.pool(hidden, p.input_ids, p.attention_mask)[None]  # [1, C, D]
-    return hidden  # [1, T, D]
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+        hidden = encoder(p.input_ids, attention_mask=p.encoder_mask, position_ids=p.position_ids,
+                         token_type_ids=p.token_type_ids)  # [N, L, D]
+        feats = encoder.pool(hidden, p.input_ids, p.attention_mask)[None] if prompt.mode == "pooled" else hidden
+    if key is not None:
+        prompt._cache = (key, feats)  # [1, T, D]
+    return feats
 
 
 def class_scores(token_probs: torch.Tensor, positive_map: torch.Tensor) -> torch.Tensor:
@@ -264,9 +278,19 @@ def class_scores(token_probs: torch.Tensor, positive_map: torch.Tensor) -> torch
     return token_probs[..., :t] @ positive_map.to(token_probs).t()
 
 
+def _word(text: str, start: int, end: int) -> tuple[int, int]:
+    """The whitespace-delimited word of ``text`` holding characters ``start:end``."""
+    while start > 0 and not text[start - 1].isspace():
+        start -= 1
+    while end < len(text) and not text[end].isspace():
+        end += 1
+    return start, end
+
+
 def phrases(prompt: TokenizedPrompt, token_probs: torch.Tensor, text_threshold: float) -> list[str]:
     """The reference's phrase of each detection: the prompt's words at tokens scoring > ``text_threshold``
-    (``token_probs [N, T']``); special tokens and phrase delimiters are left out. Pooled: the class names."""
+    (``token_probs [N, T']``); special tokens and phrase delimiters are left out, and a word-piece stands for
+    its whole word ("cl" of "clamp" gives "clamp"; the reference would print "cl"). Pooled: the class names."""
     t = prompt.num_tokens
     keep = token_probs[:, :t].detach().cpu() > text_threshold  # [N, T]
     if prompt.mode == "pooled":
@@ -276,7 +300,9 @@ def phrases(prompt: TokenizedPrompt, token_probs: torch.Tensor, text_threshold: 
     for row in keep & in_name:
         pieces: list[list[int]] = []
         for j in row.nonzero().flatten().tolist():
-            s, e = prompt.offsets[j]
+            s, e = _word(prompt.caption, *prompt.offsets[j])
+            if pieces and s < pieces[-1][1]:
+                continue  # another piece of the same word
             if pieces and prompt.caption[pieces[-1][1]:s].strip() == "":
                 pieces[-1][1] = e  # contiguous in the caption: one piece ("14.5 cm", "allis")
             else:

@@ -173,12 +173,21 @@ class BertTextEncoder(TextEncoder):
             from transformers import AutoTokenizer, BertModel
         except ImportError as e:
             raise SurgDinoError(f"the bert/minilm text encoders need transformers ({e}); pip install transformers") from e
+        from transformers.utils import logging as hf_logging
+
+        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()  # the unused pooler's "unexpected keys" report and progress bars
+        hf_logging.disable_progress_bar()
         try:
             tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
             model = BertModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False)
         except (OSError, ValueError) as e:
             raise ConfigError(f"MODEL.GDINO.TEXT_ENCODER.PATH = {path!r}: cannot be read as a BERT model and tokenizer "
                               f"({str(e).splitlines()[0]})") from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
         if not getattr(tok, "is_fast", False):
             raise ConfigError(f"{path}: the tokenizer has no character offsets (not a fast tokenizer); add tokenizer.json "
                               "or vocab.txt of a BERT WordPiece vocabulary")
