@@ -177,7 +177,18 @@ def test_resume_with_another_shape_is_one_error_and_keeps_config(data, tmp_path,
     base = ["train", "--config-file", data["yaml"], "OUTPUT_DIR", str(out)]
     assert _run([*base, "SOLVER.MAX_ITER", "2"], capsys)[0] == 0
     config = (out / "config.yaml").read_text()
-    rc, _, err = _run([*base, "--resume", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "5"], capsys)
+    # the same run resumed with a 5-class head over a 5-class dataset (so the start-up data checks pass and
+    # the checkpoint's 3-class head is what does not fit)
+    from surgdino.data.synthetic import generate_synthetic_dataset
+
+    five = generate_synthetic_dataset(str(tmp_path / "five"), num_train=2, num_val=1, num_classes=5, image_size=48,
+                                      instances_per_image=(1, 2), progress=False)
+    cfg5 = yaml.safe_load(open(data["yaml"]))
+    cfg5["MODEL"]["SEM_SEG_HEAD"]["NUM_CLASSES"] = 5
+    cfg5["DATASETS"]["REGISTER"][0].update(json_file=five["train_json"], image_root=five["train_dir"])
+    yaml5 = tmp_path / "five.yaml"
+    yaml5.write_text(yaml.safe_dump(cfg5))
+    rc, _, err = _run(["train", "--config-file", str(yaml5), "OUTPUT_DIR", str(out), "--resume"], capsys)
     assert rc == 2 and len(err) == 1, err
     assert "does not fit the configured model" in err[0] and "head.weight" in err[0] and "config.yaml" in err[0]
     assert (out / "config.yaml").read_text() == config

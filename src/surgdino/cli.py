@@ -26,7 +26,6 @@ COMMAND_MODULES = (
     "surgdino.tools.cli",  # convert convnext
     "surgdino.engine.cli",  # train | predict | demo
     "surgdino.modeling.backbone.cli",  # check-backbone
-    "surgdino.engine.check_detector",  # check-detector
 )
 # Commands that compute but take no config: they get ``--threads`` here (the others through
 # ``add_config_arguments``).

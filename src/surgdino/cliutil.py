@@ -136,6 +136,8 @@ def check_file_arguments(args: argparse.Namespace) -> None:
     from surgdino.errors import SurgDinoError
 
     for dest in FILE_ARGUMENTS:
+        if dest in getattr(args, "folder_ok", ()):  # e.g. convert groundingdino --source: a transformers folder
+            continue
         value = getattr(args, dest, None)
         if isinstance(value, str) and value and os.path.isdir(os.path.expanduser(value)):
             flag = "--" + dest.replace("_", "-")

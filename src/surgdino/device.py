@@ -6,6 +6,8 @@ typo) is a ``ConfigError`` naming the setting: the toolkit never silently falls 
 
 from __future__ import annotations
 
+import resource
+
 import torch
 
 from surgdino.errors import ConfigError
@@ -34,3 +36,10 @@ def resolve_device(name: str | torch.device | None, key: str = "MODEL.DEVICE") -
     elif device.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"{key} = {text!r}: {device.type} devices are not supported; use auto, cpu or cuda")
     return device
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    """Peak memory so far in MiB and what it measures: CUDA's peak allocation, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "peak CUDA allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"  # kB on Linux

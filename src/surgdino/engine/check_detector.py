@@ -9,8 +9,6 @@ trainable part. Exit code 0 when all checks pass, 1 otherwise.
 
 from __future__ import annotations
 
-import argparse
-import re
 import sys
 import time
 from typing import Any, TextIO
@@ -18,19 +16,7 @@ from typing import Any, TextIO
 import torch
 from torch import nn
 
-from surgdino.errors import ConfigError
-
-DEFAULT_SIZES = ("480x640", "416x544")
 DEFAULT_PROMPT = "mayo scissors . allis forceps . kelly clamp . no. 10 scalpel"
-DESCRIPTION = """Build the detector of a config and check it on a dummy padded batch (two image sizes):
-eval forward with a text prompt (output shapes of each part, results per image), then one training step
-(losses, backward, optimizer step); time, peak memory, and whether gradients reach every trainable part.
-Exit code 0 when all checks pass, 1 otherwise.
-
-example: surgdino check-detector --config-file configs/groundingdino_surgeryclip.yaml \\
-             --prompt "mayo scissors . allis forceps" MODEL.SURGERYCLIP.CKPT /models/ViT-B-16.pt"""
-
-
 def _shapes(value: Any) -> str:
     """Shapes of a module output: tensors, tuples/lists and dicts of them."""
     if torch.is_tensor(value):
@@ -92,12 +78,12 @@ def _prompt_names(cfg, prompt: str | None) -> list[str]:
 def check_detector(cfg, *, sizes: list[tuple[int, int]], prompt: str | None = None, device: str = "auto",
                    out: TextIO | None = None) -> bool:
     """Build ``cfg``'s detector and check eval outputs, a training step and gradient flow; True when all pass."""
+    from surgdino.device import peak_memory_mb, resolve_device
     from surgdino.engine.defaults import Trainer
     from surgdino.engine.optimizer import build_optimizer
-    from surgdino.modeling.backbone.cli import _device, _peak_memory_mb
 
     out = out or sys.stdout
-    dev = _device(device if device != "auto" else cfg.MODEL.DEVICE)
+    dev = resolve_device(device if device != "auto" else cfg.MODEL.DEVICE, "--device")
     t0 = time.perf_counter()
     model = Trainer.build_model(cfg).to(dev)
     print(f"detector {cfg.MODEL.META_ARCHITECTURE} (backbone {cfg.MODEL.BACKBONE.NAME}): built in "
@@ -135,7 +121,7 @@ def check_detector(cfg, *, sizes: list[tuple[int, int]], prompt: str | None = No
         dt = time.perf_counter() - t0
     for h in hooks:
         h.remove()
-    mem, what = _peak_memory_mb(dev)
+    mem, what = peak_memory_mb(dev)
     print(f"eval: padded batch {' + '.join(f'{h}x{w}' for h, w in sizes)} in {dt * 1000:.0f} ms, {what} {mem:.0f} MiB",
           file=out)
     for name, shapes in seen.items():
@@ -162,7 +148,7 @@ def check_detector(cfg, *, sizes: list[tuple[int, int]], prompt: str | None = No
     optimizer.step()
     _sync(dev)
     dt = time.perf_counter() - t0
-    mem, what = _peak_memory_mb(dev)
+    mem, what = peak_memory_mb(dev)
     terms = [f"{k} {v.detach().item():.3f}" for k, v in losses.items()]
     print(f"train step: {dt * 1000:.0f} ms, {what} {mem:.0f} MiB; total loss {total.detach().item():.4f} = sum of "
           f"{len(terms)} terms: " + ", ".join(terms[:6]) + (", ..." if len(terms) > 6 else ""), file=out)
@@ -196,34 +182,3 @@ def check_detector(cfg, *, sizes: list[tuple[int, int]], prompt: str | None = No
     ok = ok and not by_part
     print("check-detector: " + ("OK" if ok else "FAILED"), file=out)
     return ok
-
-
-def _parse_size(text: str) -> tuple[int, int]:
-    from surgdino.modeling.backbone.cli import _parse_size as parse
-
-    return parse(text)
-
-
-def _run(args: argparse.Namespace) -> int:
-    from surgdino.config import load_config
-
-    given = list(args.sizes or [])
-    n = next((i for i, s in enumerate(given) if not re.fullmatch(r"\d+[xX]\d+", s)), len(given))
-    cfg = load_config(args.config_file, given[n:] + list(args.opts or []))  # KEY VALUE pairs after --sizes
-    sizes = [_parse_size(s) for s in (given[:n] or DEFAULT_SIZES)]
-    if len(sizes) < 2:
-        raise ConfigError("--sizes: give two sizes (a padded batch), e.g. --sizes 480x640 416x544")
-    return 0 if check_detector(cfg, sizes=sizes, prompt=args.prompt, device=args.device) else 1
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    from surgdino.cli import add_config_arguments
-
-    p = sub.add_parser("check-detector", help="build the detector; one eval pass and one training step on a dummy "
-                       "padded batch: shapes, time, memory, gradient flow", description=DESCRIPTION,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompt", help=f'class names for the text prompt (default: the dataset\'s, else "{DEFAULT_PROMPT}")')
-    p.add_argument("--sizes", nargs="+", metavar="HxW", help=f"image sizes of the batch (default {' '.join(DEFAULT_SIZES)})")
-    p.add_argument("--device", default="auto", help="auto (MODEL.DEVICE), cpu, cuda, cuda:N")
-    add_config_arguments(p, required=True)
-    p.set_defaults(func=_run)

@@ -57,6 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     from surgdino.deploy.cli import register_export
 
+    register_check_detector(sub)
     e = register_export(sub, add_config_arguments)
     e.set_defaults(func=lambda a: _export(e, a))
 
@@ -129,3 +130,45 @@ def _demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     run_demo(output=args.output, data_root=args.data_root, quick=args.quick, opts=args.opts, resume=args.resume,
              overwrite=args.overwrite)
     return 0
+
+
+CHECK_DETECTOR_SIZES = ("480x640", "416x544")
+CHECK_DETECTOR_DESCRIPTION = """Build the detector of a config and check it on a dummy padded batch (two image sizes):
+eval forward with a text prompt (output shapes of each part, results per image), then one training step
+(losses, backward, optimizer step); time, peak memory, and whether gradients reach every trainable part.
+Exit code 0 when all checks pass, 1 otherwise.
+
+example: surgdino check-detector --config-file configs/groundingdino_surgeryclip.yaml \\
+             --prompt "mayo scissors . allis forceps" MODEL.SURGERYCLIP.CKPT /models/ViT-B-16.pt"""
+
+
+def register_check_detector(sub: argparse._SubParsersAction) -> None:
+    """``surgdino check-detector``: the user document's ``run_gdino_sanity.py`` (engine/check_detector.py)."""
+    from surgdino.cliutil import add_config_arguments
+
+    p = sub.add_parser("check-detector", help="build the detector; one eval pass and one training step on a dummy "
+                       "padded batch: shapes, time, memory, gradient flow", description=CHECK_DETECTOR_DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", help="class names for the text prompt (default: the dataset's, else a few instrument names)")
+    p.add_argument("--sizes", nargs="+", metavar="HxW",
+                   help=f"image sizes of the batch (default {' '.join(CHECK_DETECTOR_SIZES)})")
+    p.add_argument("--device", default="auto", help="auto (MODEL.DEVICE), cpu, cuda, cuda:N")
+    add_config_arguments(p, required=True)
+    p.set_defaults(func=_check_detector)
+
+
+def _check_detector(args: argparse.Namespace) -> int:
+    import re
+
+    from surgdino.config import load_config
+    from surgdino.engine.check_detector import check_detector
+    from surgdino.errors import ConfigError
+    from surgdino.modeling.backbone.cli import _parse_size
+
+    given = list(args.sizes or [])
+    n = next((i for i, s in enumerate(given) if not re.fullmatch(r"\d+[xX]\d+", s)), len(given))
+    cfg = load_config(args.config_file, given[n:] + list(args.opts or []))  # KEY VALUE pairs after --sizes
+    sizes = [_parse_size(s) for s in (given[:n] or CHECK_DETECTOR_SIZES)]
+    if len(sizes) < 2:
+        raise ConfigError("--sizes: give two sizes (a padded batch), e.g. --sizes 480x640 416x544")
+    return 0 if check_detector(cfg, sizes=sizes, prompt=args.prompt, device=args.device) else 1

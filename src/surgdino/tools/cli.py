@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "with a log line, e.g. backbone and input projections when fine-tuning with another backbone).")
     g.add_argument("--source", required=True, metavar="PATH", help="transformers folder or IDEA .pth")
     g.add_argument("--output", required=True, metavar="FILE", help="output .pth")
-    g.set_defaults(func=_groundingdino)
+    g.set_defaults(func=_groundingdino, folder_ok=("source",))
     p.set_defaults(func=lambda a: p.print_help() or 2)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import resource
 import sys
 import time
 from typing import TYPE_CHECKING
@@ -59,14 +58,6 @@ def _device(name: str) -> torch.device:
     return resolve_device(name, "--device")
 
 
-def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "peak CUDA allocated"
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
-    return kb / 1024, "process peak RSS"
-
 
 def _shape_text(out: dict) -> str:
     parts = []
@@ -85,6 +76,7 @@ def check_backbone(cfg, sizes: list[tuple[int, int]], batch_size: int = 2, devic
     out = out or sys.stdout
     import torch
 
+    from surgdino.device import peak_memory_mb
     from surgdino.modeling.backbone import build_backbone
     from surgdino.structures import batch_images
 
@@ -115,7 +107,7 @@ def check_backbone(cfg, sizes: list[tuple[int, int]], batch_size: int = 2, devic
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             dt = (time.perf_counter() - t0) / repeats
-        mem, what = _peak_memory_mb(dev)
+        mem, what = peak_memory_mb(dev)
         print(f"[{h}x{w}] x{batch_size}: {_shape_text(feats)}; {dt * 1000:.0f} ms/batch "
               f"({batch_size / dt:.1f} img/s), {what} {mem:.0f} MiB", file=out)
         for name, f in feats.items():
