@@ -175,3 +175,23 @@ def test_check_backbone_readme_example_parses_overrides(capsys):
     assert rc == 0 and "backbone convnext_atto" in out and "[32x48]" in out
     rc, err = _run(["check-backbone", "--sizes", "32", "MODEL.BACKBONE.NAME", "convnext_atto"], capsys)
     assert rc == 2 and "not HxW" in err[0]
+
+
+def test_threads_auto_takes_every_core_only_when_idle(monkeypatch):
+    """``--threads auto`` (the demo's default): every core under a 1-minute load average of 0.5, else 1."""
+    import surgdino.cliutil as cu
+
+    monkeypatch.setattr(cu.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(cu.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert cu.auto_threads() == 2
+    monkeypatch.setattr(cu.os, "getloadavg", lambda: (1.7, 1.0, 0.5))
+    assert cu.auto_threads() == 1
+    assert cu.threads_value("auto") == "auto" and cu.threads_value("3") == 3
+    demo = next(a for a in build_parser()._actions if a.dest == "command").choices["demo"]
+    assert next(a for a in demo._actions if a.dest == "threads").default == "auto"
+    before = torch.get_num_threads()
+    try:
+        cu.set_threads("auto")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

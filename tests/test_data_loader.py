@@ -90,7 +90,7 @@ def check_output(out, record):
 @pytest.mark.parametrize("name", ["coco_instance", "coco_instance_lsj", "coco_instance_copy_paste"])
 def test_every_mapper_handles_polygons_and_rle(records, name):
     opts = ("INPUT.CROP.ENABLED", "True", "INPUT.CROP.SIZE", "(20, 30)") if name == "coco_instance" else ()
-    mapper = DatasetMapper.from_config(cfg_for(name, *opts), is_train=True)
+    mapper = DatasetMapper(**DatasetMapper.from_config(cfg_for(name, *opts), is_train=True))
     mapper.paste_source = records
     for i, rec in enumerate(records):
         out = mapper(rec, seed=i)
@@ -122,7 +122,7 @@ def test_mapper_decodes_rle_like_polygons_and_drops_crowd(records):
 
 
 def test_test_mapper_resizes_and_keeps_original_size(records):
-    mapper = DatasetMapper.from_config(cfg_for("coco_instance_lsj"), is_train=False)
+    mapper = DatasetMapper(**DatasetMapper.from_config(cfg_for("coco_instance_lsj"), is_train=False))
     out = mapper(records[0])
     assert "instances" not in out and (out["height"], out["width"]) == (56, 40)
     assert tuple(out["image"].shape) == (3, 45, 32)  # short side 32, long side 56*32/40=44.8 -> 45

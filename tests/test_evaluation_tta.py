@@ -142,7 +142,7 @@ def test_from_config():
 
     cfg = load_config(None, ["TEST.AUG.MIN_SIZES", "[32, 64]", "TEST.AUG.FLIP", "False",
                              "TEST.DETECTIONS_PER_IMAGE", "300"])
-    tta = InstanceTTA.from_config(cfg, nn.Identity())
+    tta = InstanceTTA(**InstanceTTA.from_config(cfg, nn.Identity()))
     assert tta.views() == [(32, False), (64, False)] and tta.detections_per_image == 300
 
 

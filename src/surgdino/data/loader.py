@@ -263,7 +263,7 @@ def build_train_loader(
         raise ConfigError(f"DATALOADER.SAMPLER_TRAIN: unknown sampler {name!r}; "
                           "use TrainingSampler or RepeatFactorTrainingSampler")
     if mapper is None:
-        mapper = DatasetMapper.from_config(cfg, is_train=True)
+        mapper = DatasetMapper(**DatasetMapper.from_config(cfg, is_train=True))
     if getattr(mapper, "uses_copy_paste", False) and mapper.paste_source is None:
         mapper.paste_source = records
     return build_loader_from_records(
@@ -276,7 +276,7 @@ def build_test_loader(cfg: Any, dataset_name: str, *, mapper: Any = None, num_wo
     """Each image of ``dataset_name`` once (this process's contiguous shard), batch size 1, test mapper."""
     records = _records(cfg, [dataset_name])
     if mapper is None:
-        mapper = DatasetMapper.from_config(cfg, is_train=False)
+        mapper = DatasetMapper(**DatasetMapper.from_config(cfg, is_train=False))
     workers = cfg.DATALOADER.NUM_WORKERS if num_workers is None else num_workers
     return build_loader_from_records(records, mapper, batch_size=1, num_workers=workers, training=False,
                                      sampler=InferenceSampler(len(records)))

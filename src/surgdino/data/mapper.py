@@ -90,14 +90,14 @@ class DatasetMapper:
         self.paste_source = paste_source
 
     @classmethod
-    def from_config(cls, cfg: Any, is_train: bool = True) -> DatasetMapper:
+    def from_config(cls, cfg: Any, is_train: bool = True) -> dict:
         """Augmentations chosen by ``INPUT.DATASET_MAPPER_NAME`` (training) or the test resize."""
         inp = cfg.INPUT
         if not is_train:
             augs: list[v2.Transform] = []
             if inp.MIN_SIZE_TEST > 0:
                 augs.append(ResizeShortestEdge(inp.MIN_SIZE_TEST, inp.MAX_SIZE_TEST))
-            return cls(is_train=False, augmentations=augs, image_format=inp.FORMAT)
+            return dict(is_train=False, augmentations=augs, image_format=inp.FORMAT)
 
         name = inp.DATASET_MAPPER_NAME
         if name not in MAPPER_NAMES:
@@ -127,7 +127,7 @@ class DatasetMapper:
         cp = inp.COPY_PASTE
         if name == "coco_instance_copy_paste" and not 0.0 <= cp.PROB <= 1.0:
             raise ConfigError(f"INPUT.COPY_PASTE.PROB: must be in [0, 1], got {cp.PROB}")
-        return cls(
+        return dict(
             is_train=True,
             augmentations=augs,
             image_format=inp.FORMAT,

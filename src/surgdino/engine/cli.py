@@ -9,7 +9,7 @@ import os
 # a test checks they agree). Not imported from there: that module imports torch.
 SCORE_THRESHOLD = 0.2
 # demo's default --threads (measured on 2 cores: see the README's "Shared machines").
-DEMO_THREADS = 1
+DEMO_THREADS = "auto"
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -167,7 +167,7 @@ class Trainer:
         optimizer = build_optimizer(cfg, model)
         scheduler = build_lr_scheduler(cfg, optimizer)
         amp_dtype = _amp_dtype(cfg, self.device)
-        self.ema = ModelEMA.from_config(cfg, model)
+        self.ema = ModelEMA.maybe_build(cfg, model)
         self.checkpointer = Checkpointer(model, cfg.OUTPUT_DIR, optimizer=optimizer, scheduler=scheduler,
                                          max_to_keep=s.MAX_TO_KEEP, ema=self.ema)
         self.checkpointer.extra_state = lambda: {"hooks": self.trainer.hook_states()}

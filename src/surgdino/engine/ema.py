@@ -53,7 +53,7 @@ class ModelEMA:
         }
 
     @classmethod
-    def from_config(cls, cfg, model: nn.Module) -> ModelEMA | None:
+    def maybe_build(cls, cfg, model: nn.Module) -> ModelEMA | None:
         """``None`` unless ``MODEL_EMA.ENABLED``; ``MODEL_EMA.DECAY`` outside [0, 1) is a ConfigError."""
         decay = check_decay(cfg.MODEL_EMA.DECAY)
         if not cfg.MODEL_EMA.ENABLED:

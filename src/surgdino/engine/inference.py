@@ -48,7 +48,7 @@ def _eval_model(cfg: Config, model: nn.Module) -> nn.Module:
 
     logger.info("test-time augmentation: sizes %s, max %d, flip %s", list(cfg.TEST.AUG.MIN_SIZES),
                 cfg.TEST.AUG.MAX_SIZE, cfg.TEST.AUG.FLIP)
-    return InstanceTTA.from_config(cfg, model)
+    return InstanceTTA(**InstanceTTA.from_config(cfg, model))
 
 
 def evaluate(cfg: Config, model: nn.Module) -> dict[str, Any]:
@@ -66,7 +66,7 @@ def evaluate(cfg: Config, model: nn.Module) -> dict[str, Any]:
     for i, name in enumerate(cfg.DATASETS.TEST):
         folder = os.path.join(cfg.OUTPUT_DIR, "inference", name)
         loader = build_test_loader(cfg, name)
-        evaluator = COCOEvaluator.from_config(cfg, name, output_dir=folder if comm.is_main_process() else None)
+        evaluator = COCOEvaluator(**COCOEvaluator.from_config(cfg, name, output_dir=folder if comm.is_main_process() else None))
         results = inference_on_dataset(eval_model, loader, evaluator, desc=f"eval {name}")
         if comm.is_main_process() and results:
             save_eval_results(results, folder)

@@ -265,8 +265,8 @@ class COCOEvaluator:
         self.reset()
 
     @classmethod
-    def from_config(cls, cfg: Any, dataset_name: str, output_dir: str | None = None) -> COCOEvaluator:
-        return cls(dataset_name, max_dets=list(cfg.TEST.MAX_DETS), output_dir=output_dir)
+    def from_config(cls, cfg: Any, dataset_name: str, output_dir: str | None = None) -> dict:
+        return dict(dataset_name=dataset_name, max_dets=list(cfg.TEST.MAX_DETS), output_dir=output_dir)
 
     def reset(self) -> None:
         self._image_ids: list[int] = []

@@ -163,9 +163,9 @@ class InstanceTTA(nn.Module):
         self.iou_size = int(iou_size)
 
     @classmethod
-    def from_config(cls, cfg: Any, model: nn.Module) -> InstanceTTA:
+    def from_config(cls, cfg: Any, model: nn.Module) -> dict:
         a = cfg.TEST.AUG
-        return cls(model, min_sizes=list(a.MIN_SIZES), max_size=a.MAX_SIZE, flip=a.FLIP, merge_iou=a.MERGE_IOU,
+        return dict(model=model, min_sizes=list(a.MIN_SIZES), max_size=a.MAX_SIZE, flip=a.FLIP, merge_iou=a.MERGE_IOU,
                    detections_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
 
     def views(self) -> list[tuple[int, bool]]:

@@ -128,9 +128,9 @@ class ConvNeXtBackbone(Backbone):
         return 32
 
     @classmethod
-    def from_config(cls, cfg, depths: Sequence[int] | None = None, dims: Sequence[int] | None = None) -> ConvNeXtBackbone:
+    def from_config(cls, cfg, depths: Sequence[int] | None = None, dims: Sequence[int] | None = None) -> dict:
         c = cfg.MODEL.CONVNEXT
-        return cls(
+        return dict(
             depths=list(depths if depths is not None else c.DEPTHS),
             dims=list(dims if dims is not None else c.DIMS),
             drop_path_rate=c.DROP_PATH_RATE,
@@ -144,7 +144,7 @@ class ConvNeXtBackbone(Backbone):
 @BACKBONE_REGISTRY.register("convnext")
 def build_convnext_backbone(cfg) -> ConvNeXtBackbone:
     """ConvNeXt sized by MODEL.CONVNEXT.DEPTHS / DIMS."""
-    return ConvNeXtBackbone.from_config(cfg)
+    return ConvNeXtBackbone(**ConvNeXtBackbone.from_config(cfg))
 
 
 BACKBONE_REGISTRY.register("D2ConvNeXt")(build_convnext_backbone)
@@ -164,7 +164,7 @@ def _sized_builder(size: str):
                 raise ConfigError(
                     f"MODEL.BACKBONE.NAME convnext_{size} has {key.lower()} {list(want)} but MODEL.CONVNEXT.{key} is {value}; "
                     f"remove the MODEL.CONVNEXT.{key} override, or set MODEL.BACKBONE.NAME convnext to size the model by it")
-        return ConvNeXtBackbone.from_config(cfg, depths=depths, dims=dims)
+        return ConvNeXtBackbone(**ConvNeXtBackbone.from_config(cfg, depths=depths, dims=dims))
 
     build.__name__ = f"build_convnext_{size}_backbone"
     build.__doc__ = f"ConvNeXt-{size.capitalize()}: depths {list(depths)}, dims {list(dims)}."

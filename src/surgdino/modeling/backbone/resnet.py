@@ -178,11 +178,11 @@ class ResNetBackbone(Backbone):
         return 32
 
     @classmethod
-    def from_config(cls, cfg) -> ResNetBackbone:
+    def from_config(cls, cfg) -> dict:
         r = cfg.MODEL.RESNETS
         if r.STEM_TYPE != "basic":
             raise ConfigError(f"MODEL.RESNETS.STEM_TYPE is {r.STEM_TYPE!r}; only 'basic' (7x7 conv + max pool) is built")
-        return cls(depth=r.DEPTH, out_features=list(r.OUT_FEATURES), norm=r.NORM, stride_in_1x1=r.STRIDE_IN_1X1,
+        return dict(depth=r.DEPTH, out_features=list(r.OUT_FEATURES), norm=r.NORM, stride_in_1x1=r.STRIDE_IN_1X1,
                    num_groups=r.NUM_GROUPS, width_per_group=r.WIDTH_PER_GROUP, stem_out_channels=r.STEM_OUT_CHANNELS,
                    res2_out_channels=r.RES2_OUT_CHANNELS, res5_dilation=r.RES5_DILATION,
                    res5_multi_grid=list(r.RES5_MULTI_GRID), freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
@@ -204,7 +204,7 @@ def _freeze_batchnorm(module: nn.Module) -> None:
 @BACKBONE_REGISTRY.register("build_resnet_backbone")
 def build_resnet_backbone(cfg) -> ResNetBackbone:
     """ResNet sized by MODEL.RESNETS.* (detectron2's builder name, as in MaskDINO's R50 configs)."""
-    return ResNetBackbone.from_config(cfg)
+    return ResNetBackbone(**ResNetBackbone.from_config(cfg))
 
 
 BACKBONE_REGISTRY.register("resnet")(build_resnet_backbone)

@@ -31,7 +31,7 @@ from surgdino.registry import BACKBONE_REGISTRY
 @BACKBONE_REGISTRY.register("surgeryclip")
 def build_surgeryclip_from_config(cfg) -> SurgeryCLIPBackbone:
     """Registry entry: the backbone described by ``cfg.MODEL.SURGERYCLIP`` (and ``MODEL.PIXEL_MEAN/STD``)."""
-    return SurgeryCLIPBackbone.from_config(cfg)
+    return SurgeryCLIPBackbone(**SurgeryCLIPBackbone.from_config(cfg))
 
 
 __all__ = [

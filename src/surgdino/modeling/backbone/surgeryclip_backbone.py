@@ -112,14 +112,14 @@ class SurgeryCLIPBackbone(Backbone):
         self.set_trainable_blocks(trainable_blocks)
 
     @classmethod
-    def from_config(cls, cfg) -> SurgeryCLIPBackbone:
+    def from_config(cls, cfg) -> dict:
         c = cfg.MODEL.SURGERYCLIP
         if not c.CKPT:
             raise ConfigError("MODEL.SURGERYCLIP.CKPT is empty; set it to a CLIP ViT checkpoint "
                               "(OpenAI .pt, open_clip or RemoteCLIP state dict), e.g. MODEL.SURGERYCLIP.CKPT /path/ViT-B-16.pt")
         clip = SurgeryCLIP.from_checkpoint(c.CKPT, surgery_depth=c.SURGERY_DEPTH, act=c.ACT, text=False,
                                            heads=c.HEADS or None, pos_interp=c.POS_INTERP)
-        return cls(clip.visual, features=c.FEATURES, input_norm=c.INPUT_NORM, input_mean=cfg.MODEL.PIXEL_MEAN,
+        return dict(visual=clip.visual, features=c.FEATURES, input_norm=c.INPUT_NORM, input_mean=cfg.MODEL.PIXEL_MEAN,
                    input_std=cfg.MODEL.PIXEL_STD, trainable_blocks=c.TRAINABLE_BLOCKS, multi_scale=c.MULTI_SCALE,
                    out_channels=c.OUT_CHANNELS)
 
