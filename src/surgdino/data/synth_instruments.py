@@ -4,6 +4,8 @@ Each class is a fine-grained variant (family x variant x tip x size x handle col
 name; ``instrument_parts`` turns one class into filled polygons in the instrument's own frame
 (x along the length from the handle end at 0 to the tip at ``length``, y across, both in pixels),
 each tagged with a material so that the renderer can shade steel, coloured handles and seams.
+
+Over 400 lines on purpose: it is mostly data, one shape function per instrument family.
 """
 
 from __future__ import annotations

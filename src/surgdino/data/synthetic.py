@@ -4,6 +4,9 @@ Procedural instruments (7 families, up to 500 fine-grained classes) are drawn as
 polygons, in random z-order and any rotation, on steel-tray or drape backgrounds. A label map
 painted in z-order gives occlusion-correct visible masks: masks are pairwise disjoint, boxes come
 from the visible masks, and mostly hidden instances are dropped.
+
+Over 400 lines on purpose: rendering, the z-order label map and the COCO writer of one tray share its
+random state, so that one seed gives one tray; the instrument shapes live in ``synth_instruments.py``.
 """
 
 from __future__ import annotations
