@@ -159,7 +159,7 @@ def run_demo(output: str = "./output/demo", data_root: str | None = None, *, qui
     if results:
         print(format_metrics(results))
     if segm:
-        print(f"on {params['num_val']} validation trays: mask AP {segm.get('AP', float('nan')):.1f}, "
+        print(f"on {params['num_val']} validation trays (AP in %): mask AP {segm.get('AP', float('nan')):.1f}, "
               f"mask AP50 {segm.get('AP50', float('nan')):.1f}, box AP {bbox.get('AP', float('nan')):.1f}, "
               f"box AP50 {bbox.get('AP50', float('nan')):.1f}")
     print(f"outputs in {out}:")

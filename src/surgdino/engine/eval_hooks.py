@@ -116,14 +116,14 @@ class BestCheckpointer(HookBase):
             return False
         better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
         if not better:
-            logger.info("%s = %.3f at iteration %d; the best stays %.3f (iteration %s)", self.metric, value, done,
+            logger.info("%s (%%) = %.3f at iteration %d; the best stays %.3f (iteration %s)", self.metric, value, done,
                         self.best, self.best_iter)
             return False
         self.best, self.best_iter = value, done
         if self.checkpointer is not None:
             self.checkpointer.save("model_best", iteration=done, update_last=False, best_metric=self.metric,
                                    best_value=value)
-        logger.info("best %s = %.3f at iteration %d", self.metric, value, done)
+        logger.info("best %s (%%) = %.3f at iteration %d", self.metric, value, done)
         return True
 
     def state_dict(self) -> dict[str, Any]:
@@ -137,7 +137,7 @@ class BestCheckpointer(HookBase):
                         state.get("metric"), state.get("mode"), self.metric, self.mode)
             return
         self.best, self.best_iter = float(state["best"]), state.get("iteration")
-        logger.info("best %s so far: %.3f at iteration %s (model_best.pth)", self.metric, self.best, self.best_iter)
+        logger.info("best %s (%%) so far: %.3f at iteration %s (model_best.pth)", self.metric, self.best, self.best_iter)
 
 
 class VisualizationHook(HookBase):

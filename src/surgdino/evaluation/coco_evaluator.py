@@ -305,5 +305,5 @@ class COCOEvaluator:
                                 use_fast_eval=self.use_fast_eval, source=self.source)
         summary = "; ".join(f"{t} AP {m.get('AP', float('nan')):.1f}, AP50 {m.get('AP50', float('nan')):.1f}"
                             for t, m in metrics.items() if isinstance(m, dict) and "AP" in m)
-        logger.info(f"COCO evaluation of {len(image_ids)} images ({self.source}): {summary}")  # tables: printed once by the caller
+        logger.info(f"COCO evaluation of {len(image_ids)} images ({self.source}), AP (%): {summary}")  # tables: printed once by the caller
         return metrics
