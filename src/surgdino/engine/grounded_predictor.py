@@ -83,8 +83,5 @@ class GroundedPredictor(Predictor):
     @torch.no_grad()
     def __call__(self, image: np.ndarray, image_id: int = 0, file_name: str = "") -> dict[str, Any]:
         h, w = image.shape[:2]
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # [3, H, W] uint8
-        if self.cfg.INPUT.FORMAT == "BGR":
-            tensor = tensor.flip(0)
-        return grounded_detections(self.model, self._resize(tensor), (h, w), box_threshold=self.box_threshold,
+        return grounded_detections(self.model, self._model_image(image), (h, w), box_threshold=self.box_threshold,
                                    text_threshold=self.text_threshold)

@@ -65,13 +65,18 @@ class Predictor:
         size = ResizeShortestEdge.output_size(h, w, short, cap)
         return image if tuple(size) == (h, w) else F.resize(image, list(size), antialias=True)
 
-    @torch.no_grad()
-    def __call__(self, image: np.ndarray, image_id: int = 0, file_name: str = "") -> dict[str, Any]:
-        h, w = image.shape[:2]
+    def _model_image(self, image: np.ndarray) -> torch.Tensor:
+        """An RGB ``[H, W, 3]`` uint8 array as the model's input: ``[3, h, w]`` uint8 in INPUT.FORMAT, resized
+        as in evaluation."""
         tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # [3, H, W] uint8
         if self.cfg.INPUT.FORMAT == "BGR":
             tensor = tensor.flip(0)
-        inputs = [{"image": self._resize(tensor), "height": h, "width": w, "image_id": image_id,
+        return self._resize(tensor)
+
+    @torch.no_grad()
+    def __call__(self, image: np.ndarray, image_id: int = 0, file_name: str = "") -> dict[str, Any]:
+        h, w = image.shape[:2]
+        inputs = [{"image": self._model_image(image), "height": h, "width": w, "image_id": image_id,
                    "file_name": file_name}]
         return self.model(inputs)[0]
 
