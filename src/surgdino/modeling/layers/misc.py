@@ -1,6 +1,9 @@
-"""Small shared layers: a multi-layer perceptron, the inverse sigmoid of box refinement, token gathering."""
+"""Small shared layers: a multi-layer perceptron, the inverse sigmoid of box refinement, token gathering, and
+shape-derived tensors that stay traced under export."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,3 +39,12 @@ class MLP(nn.Module):
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Rows ``idx [B, K]`` of ``x [B, S, ...]`` → ``[B, K, ...]`` (top-k query selection)."""
     return torch.gather(x, 1, idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
+
+
+def shape_tensor(rows: Sequence[Sequence[int]], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.tensor(rows)`` of numbers derived from tensor shapes; under tracing built from the tracer's
+    size values (``torch.tensor`` would make them constants of the graph)."""
+    if not torch.jit.is_tracing():
+        return torch.tensor(rows, dtype=dtype, device=device)
+    return torch.stack([torch.stack([(v if isinstance(v, torch.Tensor) else torch.as_tensor(v, device=device)).to(dtype)
+                                     for v in r]) for r in rows])

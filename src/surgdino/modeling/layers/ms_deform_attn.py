@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from surgdino.modeling.layers.misc import shape_tensor
 from surgdino.modeling.layers.ms_deform_attn_grid import (
     SpatialShapes,
     check_core_inputs,
@@ -281,7 +282,7 @@ class MSDeformAttn(nn.Module):
 
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level: divide by (W, H)
-            normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=offsets.dtype, device=offsets.device)
+            normalizer = shape_tensor([[w, h] for h, w in shapes], dtype=offsets.dtype, device=offsets.device)
             locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
         elif reference_points.shape[-1] == 4:
             # offsets scaled to half the box size, spread over the points

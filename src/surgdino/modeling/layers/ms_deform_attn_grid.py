@@ -16,14 +16,21 @@ SpatialShapes = torch.Tensor | Sequence[Sequence[int]]
 
 
 def spatial_shapes_as_list(spatial_shapes: SpatialShapes) -> list[tuple[int, int]]:
-    """``[(H, W), ...]`` as Python ints; pass a list to avoid a device sync in the hot path."""
+    """``[(H, W), ...]`` as Python ints; pass a list to avoid a device sync in the hot path. Under tracing,
+    sizes read from tensor shapes stay the tracer's values, so the graph follows the input size (ONNX
+    export with dynamic height/width)."""
     if isinstance(spatial_shapes, torch.Tensor):
         spatial_shapes = spatial_shapes.tolist()
+    if torch.jit.is_tracing():
+        return [(h, w) for h, w in spatial_shapes]
     return [(int(h), int(w)) for h, w in spatial_shapes]
 
 
 def check_core_inputs(value: torch.Tensor, shapes: list[tuple[int, int]], sampling_locations: torch.Tensor) -> None:
-    """The levels of ``shapes`` match the locations' level axis and cover exactly the value's positions."""
+    """The levels of ``shapes`` match the locations' level axis and cover exactly the value's positions
+    (not checked under tracing, where the sizes are graph values)."""
+    if torch.jit.is_tracing():
+        return
     L, S = sampling_locations.shape[3], value.shape[1]
     if len(shapes) != L:
         raise ValueError(f"spatial_shapes has {len(shapes)} levels but sampling_locations has {L}")

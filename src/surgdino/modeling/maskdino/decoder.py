@@ -20,6 +20,7 @@ from surgdino.modeling.layers.geometry import (
     masks_to_boxes,
     valid_ratios,
 )
+from surgdino.modeling.layers.misc import shape_tensor
 from surgdino.modeling.maskdino.dn import DNQueries, prepare_for_dn
 from surgdino.registry import DECODER_REGISTRY
 
@@ -105,7 +106,7 @@ class MaskDINODecoder(BoxRefinementDecoder):
                        padded_size: tuple[int, int]) -> DecoderInputs:
         memory = torch.cat([f.flatten(2).transpose(1, 2) for f in multi_scale_features], 1)  # [B, S, D]
         fh, fw = mask_features.shape[-2:]
-        scale = torch.tensor([fh / padded_size[0], fw / padded_size[1]], device=memory.device)
+        scale = shape_tensor([[fh / padded_size[0], fw / padded_size[1]]], dtype=torch.float32, device=memory.device)[0]
         return DecoderInputs(memory=memory, memory_mask=torch.cat([m.flatten(1) for m in masks], 1),  # [B, S]
                              shapes=[tuple(f.shape[-2:]) for f in multi_scale_features],
                              ratios=valid_ratios(masks),  # [B, L, 2]
