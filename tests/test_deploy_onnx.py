@@ -1,11 +1,12 @@
 """ONNX export of tiny DI-MaskDINO / MaskDINO models: onnxruntime = PyTorch on raw outputs (1e-4) for
-images of two sizes padded to the export's fixed input, same final detections (boxes within 1e-3 px,
-same labels, mask IoU >= 0.999), the checkpoint's EMA weights exported, metadata round trip, the
-Predictor API on both paths, ``predict --onnx`` on a folder, and the errors for ``--dynamic``,
-foreign files and unexportable models.
+images of two sizes padded to the export's fixed input, and (``--dynamic``) for inputs of two sizes and
+batch sizes with one file; same final detections (boxes within 1e-3 px, same labels, mask IoU >= 0.999),
+the checkpoint's EMA weights exported, metadata round trip, the Predictor API on both paths,
+``predict --onnx`` on a folder, and the errors for a too small dynamic trace, foreign files and
+unexportable models.
 
-One export per model type is shared by the tests of this module (the export and its self-check take
-~1-2 min per model on the loaded 2-core machine, ~20 s free).
+One fixed-size and one dynamic export per model type are shared by the tests of this module (an
+export and its self-check take ~10-30 s per model on the loaded 2-core machine).
 """
 
 from __future__ import annotations
@@ -59,6 +60,17 @@ def exported(request, tmp_path_factory):
     rc = cli_main(["export", "--config-file", DEMO, *opts, "MODEL.WEIGHTS", weights, "--output", out])
     assert rc == 0 and os.path.isfile(out) and not os.path.exists(out + ".partial")
     return {"onnx": out, "weights": weights, "opts": opts, "state": state, "ema": ema, "name": request.param}
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def exported_dynamic(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(f"onnx_dynamic_{request.param}")
+    opts = SHRINK + VARIANTS[request.param]
+    weights, state, ema = _checkpoint(tmp, opts)
+    out = str(tmp / "model.onnx")
+    rc = cli_main(["export", "--config-file", DEMO, *opts, "MODEL.WEIGHTS", weights, "--output", out, "--dynamic"])
+    assert rc == 0 and os.path.isfile(out)
+    return {"onnx": out, "weights": weights, "opts": opts, "ema": ema, "name": request.param}
 
 
 def _module(opts: list[str], state: dict) -> ExportModule:
@@ -182,12 +194,53 @@ def test_foreign_and_stale_onnx_files_are_refused(tmp_path, capsys):
         OnnxModel(tmp_path / "junk.onnx")
 
 
-def test_dynamic_export_says_why_not(tmp_path):
+# (padded input H, W, unpadded sizes per image): two input sizes of another shape than the trace's 96x96
+DYNAMIC_INPUTS = [(64, 128, [(64, 120)]), (160, 96, [(160, 96), (112, 70)])]
+
+
+@pytest.mark.parametrize("inputs", DYNAMIC_INPUTS, ids=["64x128", "160x96_batch2"])
+def test_dynamic_export_equals_pytorch_at_other_sizes(exported_dynamic, inputs):
+    h, w, sizes = inputs
+    images, pad = _batch(h, w, sizes, seed=h)
+    with torch.no_grad():
+        want = dict(zip(RAW_OUTPUTS, _module(exported_dynamic["opts"], exported_dynamic["ema"])(images, pad)))
+    model = OnnxModel(exported_dynamic["onnx"])
+    assert model.batch is None and model.meta["preprocess"]["height"] is None
+    got = model(images, pad)
+    assert got["mask_features"].shape[-2:] == (h // 4, w // 4)
+    for k in RAW_OUTPUTS:
+        assert got[k].shape == want[k].shape, k
+        assert torch.allclose(got[k], want[k], atol=1e-4, rtol=0), (k, float((got[k] - want[k]).abs().max()))
+    post = {"detections_per_image": 12, "score_threshold": 0.0, "one_label_per_query": False,
+            "overlap_threshold": 0.8}
+    out_sizes = [(2 * a, 3 * b // 2) for a, b in sizes]
+    a = postprocess({k: v.numpy() for k, v in got.items()}, sizes, out_sizes, post)
+    b = postprocess(want, sizes, out_sizes, post)
+    assert all(len(y["labels"]) > 0 for y in b)
+    r = match_detections(a, b)
+    assert r["same"] and r["max_box_diff"] <= 1e-3 and r["min_mask_iou"] >= 0.999, r
+
+
+def test_dynamic_predictor_batches_any_size(exported_dynamic):
+    from surgdino import Predictor
+
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 256, (80, 120, 3), dtype=np.uint8), rng.integers(0, 256, (150, 60, 3), dtype=np.uint8)]
+    onnx_p = Predictor(exported_dynamic["onnx"])
+    torch_p = Predictor(DEMO, exported_dynamic["weights"], opts=exported_dynamic["opts"])  # padded to divisibility
+    a, b = onnx_p(images), torch_p(images)
+    assert a[1]["masks"].shape[1:] == (150, 60)
+    assert match_detections(a, b)["same"]
+
+
+def test_dynamic_trace_too_small_is_refused(tmp_path):
     from surgdino.deploy.export import export_onnx
 
-    with pytest.raises(SurgDinoError, match="ms_deform_attn.py.*spatial_shapes.tolist"):
-        export_onnx(load_config(DEMO, SHRINK), str(tmp_path / "m.onnx"), dynamic=True)
-    assert not os.listdir(tmp_path)
+    weights, _, _ = _checkpoint(tmp_path, SHRINK)
+    with pytest.raises(SurgDinoError, match="--dynamic --height 32 --width 32: trace at a side of at least 64"):
+        export_onnx(load_config(DEMO, SHRINK + ["MODEL.WEIGHTS", weights]), str(tmp_path / "m.onnx"), dynamic=True,
+                    height=32, width=32)
+    assert os.listdir(tmp_path) == ["model_final.pth"]
 
 
 def test_unexportable_model_names_the_part():

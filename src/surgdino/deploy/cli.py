@@ -14,8 +14,8 @@ def register_export(sub: argparse._SubParsersAction, add_config_arguments: Any) 
     e.add_argument("--output", metavar="FILE", help="the .onnx file to write; required")
     e.add_argument("--height", type=int, default=None, help="fixed input height (default: the test size, rounded up)")
     e.add_argument("--width", type=int, default=None, help="fixed input width (default: the test size, rounded up)")
-    e.add_argument("--dynamic", action="store_true", help="any height and width: not exportable yet (the error "
-                   "says why); a fixed size serves every smaller image, padded")
+    e.add_argument("--dynamic", action="store_true", help="any batch, height and width (multiples of the size "
+                   "divisibility, at least a minimum side stored in the metadata); traced at --height/--width")
     add_config_arguments(e)
     return e
 
@@ -33,7 +33,8 @@ def run_export(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     report = export_onnx(cfg, args.output, height=args.height, width=args.width, dynamic=args.dynamic)
     checks = [v for k, v in report.items() if k.startswith("check")]
     worst = max((c["raw_rel_diff"] for c in checks), default=float("nan"))
-    size = "input {}x{}".format(*report["size"])
+    size = "dynamic input, traced at {}x{}".format(*report["size"]) if report["dynamic"] else \
+        "input {}x{}".format(*report["size"])
     print(f"wrote {os.path.abspath(args.output)} (opset {report['opset']}, {size}); onnxruntime = PyTorch on "
           f"{len(checks)} sample(s): raw outputs within {worst:.1e}, same detections")
     return 0

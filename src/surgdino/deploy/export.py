@@ -6,13 +6,17 @@ post-processing settings, class names and the config go into the metadata (``dep
 Before the file is written under its name, onnxruntime runs it on two samples (the full input, and a
 smaller image padded to it) and its raw outputs and final detections are compared with PyTorch's.
 
-Exporter: the TorchScript one (``torch.onnx.export(dynamo=False)``), at a fixed input size and batch 1;
-smaller images are padded to it (``pad_mask``), so one file serves every image the test resize gives.
-Dynamic height/width is refused (``DYNAMIC_BLOCKER``): measured with torch 2.14, both exporters bake
-the feature-level sizes into the graph — the TorchScript tracer through shape-derived Python ints, and
-torch.export (``dynamo=True``, 19 min for the tiny demo model on the loaded 2-core machine) through
-``spatial_shapes.tolist()`` in the deformable attention — so the graph is wrong (or fails) at any size
-but the one exported.
+Exporter: the TorchScript one (``torch.onnx.export(dynamo=False)``). By default at a fixed input size
+and batch 1: smaller images are padded to it (``pad_mask``), so one file serves every image the test
+resize gives. With ``dynamic`` the batch, height and width are free (``dynamic_axes``): the traced
+forward reads every level size from the tracer's shape values (``spatial_shapes_as_list`` and
+``shape_tensor`` keep them out of Python ints and constants), so position encodings, reference points,
+level splits and mask resizing follow the input. The query selections are ``TopK`` with a fixed k, so a
+dynamic graph needs at least k encoder tokens: ``min_dynamic_side`` is stored in the metadata and
+the predictor pads smaller images up to it. The self-check then runs two input sizes of different shape.
+The dynamo exporter (``dynamo=True``) is not used: it needs onnxscript (not a dependency), and its capture,
+``torch.export.export`` with dynamic height/width (torch 2.14), stops on constraint violations: Python
+comparisons of level sizes (which level is finest, ``min(k, tokens)`` of the selections) specialise them.
 """
 
 from __future__ import annotations
@@ -33,10 +37,6 @@ from surgdino.log import get_logger
 logger = get_logger(__name__)
 
 OPSET = 18
-DYNAMIC_BLOCKER = ("--dynamic: dynamic height/width cannot be exported yet: the deformable attention "
-                   "(surgdino/modeling/layers/ms_deform_attn.py) turns the level sizes into Python ints "
-                   "(spatial_shapes.tolist()), so both exporters bake them into the graph and it is wrong at any "
-                   "other size; export a fixed --height/--width instead (smaller images are padded to it)")
 RAW_ATOL = 1e-4  # raw outputs: |onnx - torch| <= RAW_ATOL * max(1, |torch|max) per output
 
 
@@ -58,6 +58,25 @@ def default_size(cfg: Config, divisibility: int) -> int:
     """A square side that holds every test-resized image: the longest side rounded up to ``divisibility``."""
     side = max(int(cfg.INPUT.MAX_SIZE_TEST), int(cfg.INPUT.MIN_SIZE_TEST), divisibility)
     return -(-side // divisibility) * divisibility
+
+
+def min_dynamic_side(model: torch.nn.Module) -> int:
+    """The smallest square input side (a multiple of the size divisibility) of a dynamic export: its encoder
+    tokens must hold the decoder's largest query selection (``TopK`` with a fixed k in the graph)."""
+    div = max(1, int(model.size_divisibility))
+    pd, dec = model.pixel_decoder, model.decoder
+    k = max(int(getattr(dec, "num_queries", 0)), int(getattr(dec, "first_selected_queries", 0) or 0))
+    shapes = model.backbone.output_shape()
+    strides = [shapes[f].stride for f in pd.enc_features]
+    strides += [strides[-1] * 2 ** (i + 1) for i in range(pd.num_extra)]  # extra levels: 3x3 convs, stride 2
+
+    def tokens(side: int) -> int:
+        return sum((-(-side // s)) ** 2 for s in strides)
+
+    side = div
+    while tokens(side) < k:
+        side += div
+    return side
 
 
 def _sample(height: int, width: int, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,17 +103,23 @@ def _failing_part(e: BaseException) -> str:
     return f"surgdino/{rel}:{f.lineno} ({f.name})"
 
 
-def _export(module: ExportModule, sample: tuple[torch.Tensor, torch.Tensor], path: str) -> None:
-    """The TorchScript exporter at the sample's fixed size (batch 1)."""
+DYNAMIC_AXES = {"images": {0: "batch", 2: "height", 3: "width"}, "pad_mask": {0: "batch", 1: "height", 2: "width"}}
+
+
+def _export(module: ExportModule, sample: tuple[torch.Tensor, torch.Tensor], path: str, *,
+            dynamic: bool = False) -> None:
+    """The TorchScript exporter at the sample's size (batch 1), or with free batch, height and width."""
     import warnings
 
     from surgdino.modeling.maskdino.model import RAW_OUTPUTS
 
     try:
         with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # shape-derived Python ints are constants of a fixed-size graph
+            # shape checks and structural choices (level order, k of the selections) are constants of the graph
+            warnings.simplefilter("ignore")
             torch.onnx.export(module, sample, path, dynamo=False, opset_version=OPSET,
-                              input_names=list(metadata.INPUTS), output_names=list(RAW_OUTPUTS))
+                              input_names=list(metadata.INPUTS), output_names=list(RAW_OUTPUTS),
+                              dynamic_axes=DYNAMIC_AXES if dynamic else None)
     except Exception as e:  # the exporter's errors are long; the user needs the part and the reason
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise SurgDinoError(f"export failed in {_failing_part(e)}: {type(e).__name__}: {first} "
@@ -127,16 +152,15 @@ def export_onnx(cfg: Config, output: str, *, height: int | None = None, width: i
     """Export ``cfg``'s model with ``MODEL.WEIGHTS`` (EMA weights if the checkpoint has them) to ``output``.
 
     Fixed input ``height`` × ``width`` (multiples of the size divisibility; default: the longest test
-    side rounded up, square); ``dynamic`` is refused with the reason (``DYNAMIC_BLOCKER``). Returns the
-    comparison report; raises ``SurgDinoError`` if onnxruntime disagrees with PyTorch."""
+    side rounded up, square); with ``dynamic`` any batch and size (at least ``min_dynamic_side``), traced
+    at ``height`` × ``width``. Returns the comparison report; raises ``SurgDinoError`` if onnxruntime
+    disagrees with PyTorch."""
     import onnx
     import onnxruntime as ort
 
     from surgdino import __version__
     from surgdino.engine.predictor import Predictor as TorchPredictor
 
-    if dynamic:
-        raise SurgDinoError(DYNAMIC_BLOCKER)
     if os.path.isdir(output):
         raise SurgDinoError(f"--output {output} is a folder; give the ONNX file to write, e.g. {output}/model.onnx")
     cfg = cfg.merge({"MODEL.DEVICE": "cpu"})
@@ -148,7 +172,15 @@ def export_onnx(cfg: Config, output: str, *, height: int | None = None, width: i
     for name, v in (("--height", height), ("--width", width)):
         if v <= 0 or v % div:
             raise SurgDinoError(f"{name} {v}: must be a positive multiple of {div} (the model's size divisibility)")
-    pre, post = settings(cfg, torch_predictor.model, height=height, width=width)
+    if dynamic:
+        min_side = min_dynamic_side(torch_predictor.model)
+        if min(height, width) < min_side:
+            raise SurgDinoError(f"--dynamic --height {height} --width {width}: trace at a side of at least {min_side} "
+                                "(the decoder's query selection needs that many encoder tokens)")
+        pre, post = settings(cfg, torch_predictor.model)
+        pre["min_side"] = min_side
+    else:
+        pre, post = settings(cfg, torch_predictor.model, height=height, width=width)
     props = metadata.build(preprocess=pre, postprocess=post, class_names=torch_predictor.thing_classes,
                            config_yaml=cfg.dump(), dataset_ids=torch_predictor.contiguous_to_dataset_id,
                            weights=os.path.abspath(cfg.MODEL.WEIGHTS), version=__version__)
@@ -156,19 +188,23 @@ def export_onnx(cfg: Config, output: str, *, height: int | None = None, width: i
     tmp = output + ".partial"
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     try:
-        _export(module, sample, tmp)
+        _export(module, sample, tmp, dynamic=dynamic)
         proto = onnx.load(tmp)
         proto.doc_string = metadata.GRAPH_DOC
         del proto.metadata_props[:]
         for k, v in props.items():
             proto.metadata_props.add(key=k, value=v)
         onnx.save(proto, tmp)
-        report: dict[str, Any] = {"opset": OPSET, "size": (height, width)}
+        report: dict[str, Any] = {"opset": OPSET, "size": (height, width), "dynamic": dynamic}
         if verify:
             session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
-            other = _sample(height, width, 1, seed=1)
-            other[1][:] = True
-            other[1][:, :max(div, height // 2), :max(div, width // 3)] = False  # a small image padded to the input
+            if dynamic:  # another size and aspect, a batch of two with the second image padded
+                h2 = max(pre["min_side"], -(-(3 * height // 4) // div) * div)
+                other = _sample(h2, width + 2 * div, 2, seed=1)
+            else:
+                other = _sample(height, width, 1, seed=1)
+                other[1][:] = True
+                other[1][:, :max(div, height // 2), :max(div, width // 3)] = False  # a small image padded to the input
             checks = [sample, other]
             for i, s in enumerate(checks):
                 r = _compare(module, session, s, post)

@@ -21,6 +21,8 @@ INPUTS = ("images", "pad_mask")
 # The graph's contract, also written into the file's doc string.
 GRAPH_DOC = ("inputs: images uint8 [B, 3, H, W] pixel values in the channel order of preprocess.format, resized "
              "like evaluation and padded bottom/right (pad value ignored); pad_mask bool [B, H, W], True = padding. "
+             "B, H, W are fixed (preprocess.height/width, batch 1) or, for a dynamic export (preprocess.height null), "
+             "free with H, W >= preprocess.min_side and multiples of preprocess.size_divisibility. "
              "Normalisation ((x - mean) / std, padding set to 0) is inside the graph. outputs: pred_logits [B, Q, C], "
              "pred_boxes [B, Q, 4] (cxcywh normalised to each image's unpadded extent), pred_embeds [B, Q, D], "
              "mask_features [B, D, H/4, W/4]; post-processing is outside (surgdino.deploy.postprocess).")

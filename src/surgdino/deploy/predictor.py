@@ -42,7 +42,8 @@ def prepare(images: Sequence[np.ndarray], pre: dict[str, Any]) -> tuple[torch.Te
     """uint8 ``[B, 3, H, W]`` padded batch, ``pad_mask [B, H, W]``, resized (h, w) and original (h, w) per image.
 
     Resize: the test mapper's ``ResizeShortestEdge``; channels flipped for a BGR model; padding to the
-    size divisibility (any size) or to the export's fixed ``height`` × ``width``."""
+    size divisibility (any size; at least ``min_side`` square for a dynamic export) or to the export's
+    fixed ``height`` × ``width``."""
     from torchvision import tv_tensors
 
     from surgdino.data.transforms import ResizeShortestEdge
@@ -65,6 +66,10 @@ def prepare(images: Sequence[np.ndarray], pre: dict[str, Any]) -> tuple[torch.Te
             raise SurgDinoError(f"an image resized to {too_big[0][0]}x{too_big[0][1]} does not fit the export's fixed "
                                 f"input {fixed[0]}x{fixed[1]}; re-export with a larger --height/--width")
         tensors[0] = torch.nn.functional.pad(tensors[0], (0, fixed[1] - sizes[0][1], 0, fixed[0] - sizes[0][0]))
+    elif pre.get("min_side"):  # a dynamic export's query selection needs enough encoder tokens
+        side = int(pre["min_side"])
+        h, w = tensors[0].shape[-2:]
+        tensors[0] = torch.nn.functional.pad(tensors[0], (0, max(0, side - w), 0, max(0, side - h)))
     batch = batch_images(tensors, pre["size_divisibility"])
     return batch.tensors, batch.mask, sizes, originals
 
