@@ -103,12 +103,19 @@ def _ours(args, batch, device, levels: str, decoder: str):
     return model, step, infer
 
 
-def _peer(args, batch, device):
-    from transformers import ConvNextConfig, Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+def peer_config(classes: int):
+    """HF transformers' Mask2Former with a ConvNeXt-T backbone (its own defaults, random init, no download)."""
+    from transformers import ConvNextConfig, Mask2FormerConfig
 
     bb = ConvNextConfig(depths=[3, 3, 9, 3], hidden_sizes=[96, 192, 384, 768],
                         out_features=["stage1", "stage2", "stage3", "stage4"])
-    cfg = Mask2FormerConfig(backbone_config=bb, num_labels=args.classes, use_pretrained_backbone=False)
+    return Mask2FormerConfig(backbone_config=bb, num_labels=classes, use_pretrained_backbone=False)
+
+
+def _peer(args, batch, device):
+    from transformers import Mask2FormerForUniversalSegmentation
+
+    cfg = peer_config(args.classes)
     if args.small:
         cfg.encoder_layers = 1
     model = Mask2FormerForUniversalSegmentation(cfg).to(device).train()

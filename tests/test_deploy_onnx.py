@@ -65,7 +65,7 @@ def exported(request, tmp_path_factory):
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def exported_dynamic(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"onnx_dynamic_{request.param}")
-    opts = SHRINK + VARIANTS[request.param]
+    opts = SHRINK + VARIANTS[request.param] + ["MODEL.MaskDINO.INITIALIZE_BOX_TYPE", "mask2box"]  # boxes of masks
     weights, state, ema = _checkpoint(tmp, opts)
     out = str(tmp / "model.onnx")
     rc = cli_main(["export", "--config-file", DEMO, *opts, "MODEL.WEIGHTS", weights, "--output", out, "--dynamic"])
@@ -231,6 +231,31 @@ def test_dynamic_predictor_batches_any_size(exported_dynamic):
     a, b = onnx_p(images), torch_p(images)
     assert a[1]["masks"].shape[1:] == (150, 60)
     assert match_detections(a, b)["same"]
+
+
+def test_mask_boxes_export_with_an_uneven_last_chunk(tmp_path):
+    """mask2box selection boxes, a chunk of queries at a time: 60 queries in chunks of 16 (the user
+    configuration's 800 in chunks of 128 have an uneven last chunk too)."""
+    from types import SimpleNamespace
+
+    import onnxruntime as ort
+
+    decoder = build_model(load_config(DEMO, SHRINK)).decoder.eval()
+
+    class Boxes(torch.nn.Module):
+        def forward(self, embeds, mask_features, feat_sizes):
+            inputs = SimpleNamespace(feat_sizes=feat_sizes, mask_features=mask_features)
+            return decoder.mask_boxes(embeds, inputs, chunk=16)
+
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(1, 60, 8, generator=g), torch.randn(1, 8, 24, 20, generator=g), torch.tensor([[20.0, 17.0]]))
+    path = str(tmp_path / "boxes.onnx")
+    # the query count as the selection's TopK gives it: not a static shape of the graph
+    torch.onnx.export(Boxes(), args, path, dynamo=False, opset_version=18, input_names=["e", "m", "s"],
+                      dynamic_axes={"e": {1: "queries"}})
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = session.run(None, dict(zip(["e", "m", "s"], (a.numpy() for a in args))))[0]
+    assert np.abs(got - Boxes()(*args).numpy()).max() < 1e-5
 
 
 def test_dynamic_trace_too_small_is_refused(tmp_path):

@@ -1,6 +1,8 @@
-"""``surgdino export``: a MaskDINO / DI-MaskDINO checkpoint → an ONNX file that checks itself.
+"""``surgdino export``: a MaskDINO / DI-MaskDINO / GroundingDINO checkpoint → an ONNX file that checks itself.
 
-The graph is ``ExportModule`` (uint8 images + padding mask → raw head outputs, opset 18); the
+The graph is ``ExportModule`` (uint8 images + padding mask → raw head outputs, opset 18), or for a
+GroundingDINO ``GroundingExportModule``: its dataset's class names are the prompt, whose text features are
+computed at export and baked in (class names and the token → class map in the metadata); the
 checkpoint's EMA weights are used when it has them (``load_weights`` prefers them); preprocessing,
 post-processing settings, class names and the config go into the metadata (``deploy.metadata``).
 Before the file is written under its name, onnxruntime runs it on two samples (the full input, and a
@@ -30,7 +32,7 @@ import torch
 
 from surgdino.config import Config
 from surgdino.deploy import metadata
-from surgdino.deploy.graph import ExportModule
+from surgdino.deploy.graph import ExportModule, GroundingExportModule
 from surgdino.errors import SurgDinoError
 from surgdino.log import get_logger
 
@@ -43,10 +45,17 @@ RAW_ATOL = 1e-4  # raw outputs: |onnx - torch| <= RAW_ATOL * max(1, |torch|max) 
 def settings(cfg: Config, model: torch.nn.Module, *, height: int | None = None, width: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(preprocess, postprocess)`` settings of ``cfg`` as the metadata stores them (the PyTorch
     predictor uses the same, so both paths preprocess and post-process alike). ``height``/``width``:
-    the fixed input every image is padded to (None: padded to the size divisibility only)."""
+    the fixed input every image is padded to (None: padded to the size divisibility only). A
+    GroundingDINO's post-processing is its prompt's ``positive_map`` (set its class names first) and
+    ``predict --prompt``'s box threshold."""
     from surgdino.modeling.maskdino.postprocess import InstancePostProcessor
 
-    post = dict(InstancePostProcessor.from_config(cfg))  # the keyword arguments InstancePostProcessor takes
+    if callable(getattr(model, "set_class_names", None)):  # GroundingDINO: predict --prompt's box threshold
+        from surgdino.engine.grounded_predictor import BOX_THRESHOLD
+
+        post = {"box_threshold": BOX_THRESHOLD, "positive_map": model.prompt().positive_map.tolist()}
+    else:
+        post = dict(InstancePostProcessor.from_config(cfg))  # the keyword arguments InstancePostProcessor takes
     pre = {"min_size": int(cfg.INPUT.MIN_SIZE_TEST), "max_size": int(cfg.INPUT.MAX_SIZE_TEST),
            "format": cfg.INPUT.FORMAT, "size_divisibility": int(model.size_divisibility),
            "height": height, "width": width,
@@ -106,19 +115,22 @@ def _failing_part(e: BaseException) -> str:
 DYNAMIC_AXES = {"images": {0: "batch", 2: "height", 3: "width"}, "pad_mask": {0: "batch", 1: "height", 2: "width"}}
 
 
-def _export(module: ExportModule, sample: tuple[torch.Tensor, torch.Tensor], path: str, *,
+GROUNDING_DYNAMIC = ("--dynamic: a GroundingDINO exports at a fixed --height/--width only (its forward turns the "
+                     "level sizes into Python ints: surgdino/modeling/grounding/detector.py, forward_tensors); "
+                     "smaller images are padded to it")
+
+
+def _export(module: torch.nn.Module, sample: tuple[torch.Tensor, torch.Tensor], path: str, *,
             dynamic: bool = False) -> None:
     """The TorchScript exporter at the sample's size (batch 1), or with free batch, height and width."""
     import warnings
-
-    from surgdino.modeling.maskdino.model import RAW_OUTPUTS
 
     try:
         with warnings.catch_warnings(), torch.no_grad():
             # shape checks and structural choices (level order, k of the selections) are constants of the graph
             warnings.simplefilter("ignore")
             torch.onnx.export(module, sample, path, dynamo=False, opset_version=OPSET,
-                              input_names=list(metadata.INPUTS), output_names=list(RAW_OUTPUTS),
+                              input_names=list(metadata.INPUTS), output_names=list(module.outputs),
                               dynamic_axes=DYNAMIC_AXES if dynamic else None)
     except Exception as e:  # the exporter's errors are long; the user needs the part and the reason
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
@@ -126,18 +138,28 @@ def _export(module: ExportModule, sample: tuple[torch.Tensor, torch.Tensor], pat
                             "(run with --debug for the full trace)") from e
 
 
-def _compare(module: ExportModule, session: Any, sample: tuple[torch.Tensor, torch.Tensor],
+def raw_difference(got: np.ndarray, want: np.ndarray) -> float:
+    """``|got - want|`` max relative to ``max(1, |want| max)`` over finite entries; inf where the non-finite
+    entries (a GroundingDINO's -inf logits beyond its prompt) differ."""
+    finite = np.isfinite(want)
+    if not (np.isfinite(got) == finite).all() or not (got[~finite] == want[~finite]).all():
+        return float("inf")
+    if not finite.any():
+        return 0.0
+    return float(np.abs(got[finite] - want[finite]).max()) / max(1.0, float(np.abs(want[finite]).max()))
+
+
+def _compare(module: torch.nn.Module, session: Any, sample: tuple[torch.Tensor, torch.Tensor],
              post: dict[str, Any]) -> dict[str, float]:
     """Worst raw-output difference and detection agreement of onnxruntime vs PyTorch on ``sample``."""
     from surgdino.deploy.postprocess import match_detections, postprocess
-    from surgdino.modeling.maskdino.model import RAW_OUTPUTS
 
     images, pad = sample
+    names = module.outputs
     with torch.no_grad():
-        want = dict(zip(RAW_OUTPUTS, module(images, pad)))
-    got = dict(zip(RAW_OUTPUTS, session.run(None, {"images": images.numpy(), "pad_mask": pad.numpy()})))
-    rel = max(float(np.abs(got[k] - want[k].numpy()).max()) / max(1.0, float(want[k].abs().max()))
-              for k in RAW_OUTPUTS)
+        want = dict(zip(names, module(images, pad)))
+    got = dict(zip(names, session.run(None, {"images": images.numpy(), "pad_mask": pad.numpy()})))
+    rel = max(raw_difference(got[k], want[k].numpy()) for k in names)
     sizes = [((~p[:, 0]).sum().item(), (~p[0, :]).sum().item()) for p in pad]
     out_sizes = [(2 * h, 2 * w) for h, w in sizes]  # results at another size than the input, as with real images
     a = postprocess(got, sizes, out_sizes, post)
@@ -165,7 +187,11 @@ def export_onnx(cfg: Config, output: str, *, height: int | None = None, width: i
         raise SurgDinoError(f"--output {output} is a folder; give the ONNX file to write, e.g. {output}/model.onnx")
     cfg = cfg.merge({"MODEL.DEVICE": "cpu"})
     torch_predictor = TorchPredictor(cfg)
-    module = ExportModule(torch_predictor.model).eval()
+    grounding = callable(getattr(torch_predictor.model, "set_class_names", None))
+    if grounding and dynamic:
+        raise SurgDinoError(GROUNDING_DYNAMIC)
+    module = (GroundingExportModule(torch_predictor.model, list(torch_predictor.thing_classes)) if grounding
+              else ExportModule(torch_predictor.model)).eval()
     div = max(1, int(torch_predictor.model.size_divisibility))
     side = default_size(cfg, div)
     height, width = height or side, width or side
@@ -183,7 +209,8 @@ def export_onnx(cfg: Config, output: str, *, height: int | None = None, width: i
         pre, post = settings(cfg, torch_predictor.model, height=height, width=width)
     props = metadata.build(preprocess=pre, postprocess=post, class_names=torch_predictor.thing_classes,
                            config_yaml=cfg.dump(), dataset_ids=torch_predictor.contiguous_to_dataset_id,
-                           weights=os.path.abspath(cfg.MODEL.WEIGHTS), version=__version__)
+                           weights=os.path.abspath(cfg.MODEL.WEIGHTS), version=__version__,
+                           kind="grounding" if grounding else "instances")
     sample = _sample(height, width, 1, seed=0)
     tmp = output + ".partial"
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

@@ -1,4 +1,6 @@
-"""The module that is exported: uint8 pixels + padding mask in, MaskDINO's raw head outputs out."""
+"""The modules that are exported: uint8 pixels + padding mask in, raw head outputs out: MaskDINO's
+(``ExportModule``) or a GroundingDINO's for a fixed class list whose text features are baked in
+(``GroundingExportModule``)."""
 
 from __future__ import annotations
 
@@ -18,8 +20,12 @@ class ExportModule(nn.Module):
     this same module, so both paths see the same inputs.
     """
 
+    outputs = RAW_OUTPUTS
+
     def __init__(self, model: nn.Module):
         super().__init__()
+        if callable(getattr(model, "set_class_names", None)):
+            raise SurgDinoError("a GroundingDINO model exports through GroundingExportModule(model, class_names)")
         if not callable(getattr(model, "forward_tensors", None)) or not hasattr(model, "preprocessor"):
             raise SurgDinoError(f"MODEL.META_ARCHITECTURE {type(model).__name__} cannot be exported: it has no "
                                 "tensor-only forward (forward_tensors(images, pad_mask)) and preprocessor; "
@@ -32,3 +38,37 @@ class ExportModule(nn.Module):
         x = x.masked_fill(pad_mask[:, None], 0.0)
         out = self.model.forward_tensors(x, pad_mask)
         return tuple(out[k] for k in RAW_OUTPUTS)
+
+
+GROUNDING_OUTPUTS = ("pred_logits", "pred_boxes")
+
+
+class GroundingExportModule(nn.Module):
+    """A GroundingDINO for the fixed prompt of ``class_names``: ``images`` uint8 ``[B, 3, H, W]`` and
+    ``pad_mask`` as ``ExportModule`` → the last decoder layer's ``pred_logits [B, Q, Tmax]`` (token logits,
+    -inf beyond the prompt) and ``pred_boxes [B, Q, 4]`` (cxcywh normalised to each image's unpadded extent).
+
+    The text encoder runs once, here: its projected features and masks are buffers (constants of the
+    graph); ``positive_map [C, T]`` maps tokens to classes for the post-processing."""
+
+    outputs = GROUNDING_OUTPUTS
+
+    def __init__(self, model: nn.Module, class_names: list[str]):
+        super().__init__()
+        self.model = model
+        model.set_class_names(class_names)
+        prompt = model.prompt()
+        with torch.no_grad():
+            text = model.text_inputs(prompt, 1)
+        self.text_names = [k for k, v in text.items() if v is not None]
+        for k in self.text_names:
+            self.register_buffer(k, text[k].detach().clone(), persistent=False)
+        self.positive_map = prompt.positive_map.detach().clone()  # [C, T]
+
+    def forward(self, images: torch.Tensor, pad_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        m = self.model
+        x = ((images.float() - m.pixel_mean) / m.pixel_std).masked_fill(pad_mask[:, None], 0.0)  # [B, 3, H, W]
+        b = images.shape[0]
+        text = {k: getattr(self, k).expand(b, *getattr(self, k).shape[1:]) for k in self.text_names}
+        out = m.forward_tensors(x, pad_mask, **text)
+        return out["pred_logits"][-1], out["pred_boxes"][-1]

@@ -16,7 +16,8 @@ from surgdino.errors import SurgDinoError
 FORMAT = "surgdino-onnx/1"
 KEYS = ("surgdino.format", "surgdino.preprocess", "surgdino.postprocess", "surgdino.class_names",
         "surgdino.config")
-OPTIONAL = ("surgdino.dataset_ids", "surgdino.weights", "surgdino.version")
+OPTIONAL = ("surgdino.dataset_ids", "surgdino.weights", "surgdino.version", "surgdino.kind")
+KINDS = ("instances", "grounding")  # MaskDINO / DI-MaskDINO; GroundingDINO with a fixed class list
 INPUTS = ("images", "pad_mask")
 # The graph's contract, also written into the file's doc string.
 GRAPH_DOC = ("inputs: images uint8 [B, 3, H, W] pixel values in the channel order of preprocess.format, resized "
@@ -25,13 +26,14 @@ GRAPH_DOC = ("inputs: images uint8 [B, 3, H, W] pixel values in the channel orde
              "free with H, W >= preprocess.min_side and multiples of preprocess.size_divisibility. "
              "Normalisation ((x - mean) / std, padding set to 0) is inside the graph. outputs: pred_logits [B, Q, C], "
              "pred_boxes [B, Q, 4] (cxcywh normalised to each image's unpadded extent), pred_embeds [B, Q, D], "
-             "mask_features [B, D, H/4, W/4]; post-processing is outside (surgdino.deploy.postprocess).")
+             "mask_features [B, D, H/4, W/4] (kind instances) or pred_logits [B, Q, 256] token logits of the baked-in class-name "
+             "prompt and pred_boxes [B, Q, 4] (kind grounding); post-processing is outside (surgdino.deploy.postprocess).")
 
 
 def build(*, preprocess: dict[str, Any], postprocess: dict[str, Any], class_names: list[str], config_yaml: str,
-          dataset_ids: dict[int, int] | None, weights: str, version: str) -> dict[str, str]:
+          dataset_ids: dict[int, int] | None, weights: str, version: str, kind: str = "instances") -> dict[str, str]:
     """The ``metadata_props`` of an export (all values strings; structured ones JSON)."""
-    return {"surgdino.format": FORMAT, "surgdino.preprocess": json.dumps(preprocess),
+    return {"surgdino.format": FORMAT, "surgdino.kind": kind, "surgdino.preprocess": json.dumps(preprocess),
             "surgdino.postprocess": json.dumps(postprocess), "surgdino.class_names": json.dumps(list(class_names)),
             "surgdino.config": config_yaml, "surgdino.dataset_ids": json.dumps(dataset_ids or {}),
             "surgdino.weights": weights, "surgdino.version": version}
@@ -48,8 +50,12 @@ def parse(path: str, props: dict[str, str]) -> dict[str, Any]:
     if props["surgdino.format"] != FORMAT:
         raise SurgDinoError(f"{path}: metadata surgdino.format is {props['surgdino.format']!r}, this surgdino reads "
                             f"{FORMAT!r}; re-export the model with this version's `surgdino export`")
+    kind = props.get("surgdino.kind", "instances")
+    if kind not in KINDS:
+        raise SurgDinoError(f"{path}: metadata surgdino.kind is {kind!r}, this surgdino reads {', '.join(KINDS)}; "
+                            "re-export the model with this version's `surgdino export`")
     out: dict[str, Any] = {"config": props["surgdino.config"], "weights": props.get("surgdino.weights", ""),
-                           "version": props.get("surgdino.version", "")}
+                           "version": props.get("surgdino.version", ""), "kind": kind}
     for key, field in (("surgdino.preprocess", "preprocess"), ("surgdino.postprocess", "postprocess"),
                        ("surgdino.class_names", "class_names"), ("surgdino.dataset_ids", "dataset_ids")):
         try:
@@ -57,7 +63,8 @@ def parse(path: str, props: dict[str, str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             raise SurgDinoError(f"{path}: metadata {key} is not valid JSON; re-export the model") from None
     need = {"preprocess": ("min_size", "max_size", "format", "size_divisibility", "height", "width"),
-            "postprocess": ("detections_per_image", "score_threshold", "one_label_per_query", "overlap_threshold")}
+            "postprocess": ("box_threshold", "positive_map") if kind == "grounding" else
+            ("detections_per_image", "score_threshold", "one_label_per_query", "overlap_threshold")}
     for field, names in need.items():
         gone = [n for n in names if n not in out[field]]
         if gone:

@@ -2,7 +2,8 @@
 
 ``postprocess`` runs ``InstancePostProcessor`` (top-k, score threshold, one label per query, mask
 overlap threshold, masks at the original size) on a batch of raw outputs given as torch tensors or
-numpy arrays (onnxruntime's); the results are in the same kind. ``match_detections`` compares two
+numpy arrays (onnxruntime's); the results are in the same kind. A GroundingDINO export's outputs go
+through ``predict --prompt``'s box threshold instead (settings with a ``positive_map``). ``match_detections`` compares two
 result lists detection for detection (what export's self-check and the tests use).
 """
 
@@ -25,6 +26,8 @@ def postprocess(raw: Mapping[str, Any], image_sizes: Sequence[tuple[int, int]], 
     ``raw``: ``RAW_OUTPUTS`` for a padded batch (``mask_features`` covers the padded input);
     ``image_sizes``: each image's unpadded (h, w) in that batch; ``settings``: the post-processor or
     its keyword arguments (an export's ``surgdino.postprocess`` metadata)."""
+    if not isinstance(settings, InstancePostProcessor) and "positive_map" in settings:
+        return _grounded(raw, out_sizes, settings)
     proc = settings if isinstance(settings, InstancePostProcessor) else InstancePostProcessor(**settings)
     as_numpy = isinstance(raw[RAW_OUTPUTS[0]], np.ndarray)
     t = {k: torch.as_tensor(raw[k]) for k in RAW_OUTPUTS}
@@ -34,6 +37,24 @@ def postprocess(raw: Mapping[str, Any], image_sizes: Sequence[tuple[int, int]], 
         r = proc(t["pred_logits"][i], t["pred_boxes"][i], t["pred_embeds"][i], t["mask_features"][i],
                  image_size=tuple(int(v) for v in size), padded_size=padded,
                  out_size=tuple(int(v) for v in out_size))
+        out.append({k: v.cpu().numpy() for k, v in r.items()} if as_numpy else r)
+    return out
+
+
+def _grounded(raw: Mapping[str, Any], out_sizes: Sequence[tuple[int, int]], settings: Mapping[str, Any]
+              ) -> list[dict[str, Any]]:
+    """A GroundingDINO export's ``pred_logits`` / ``pred_boxes`` → per image ``{"boxes", "scores", "labels"}``
+    (``threshold_detections``, as ``predict --prompt``) with the export's ``positive_map`` and ``box_threshold``."""
+    from surgdino.modeling.grounding.postprocess import threshold_detections
+
+    as_numpy = isinstance(raw["pred_logits"], np.ndarray)
+    logits, boxes = torch.as_tensor(raw["pred_logits"]), torch.as_tensor(raw["pred_boxes"])
+    pmap = torch.as_tensor(settings["positive_map"], dtype=torch.float32)
+    out = []
+    for i, out_size in enumerate(out_sizes):
+        r = threshold_detections(logits[i], boxes[i], pmap, tuple(int(v) for v in out_size),
+                                 float(settings["box_threshold"]))
+        r.pop("probs")
         out.append({k: v.cpu().numpy() for k, v in r.items()} if as_numpy else r)
     return out
 
@@ -52,6 +73,8 @@ def match_detections(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, An
             continue
         bx, by = np.asarray(torch.as_tensor(x["boxes"])), np.asarray(torch.as_tensor(y["boxes"]))
         worst_box = max(worst_box, float(np.abs(bx - by).max()))
+        if "masks" not in x:  # boxes only (GroundingDINO)
+            continue
         mx = np.asarray(torch.as_tensor(x["masks"])).reshape(len(lx), -1)
         my = np.asarray(torch.as_tensor(y["masks"])).reshape(len(ly), -1)
         inter, union = (mx & my).sum(1), (mx | my).sum(1)

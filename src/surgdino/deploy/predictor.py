@@ -6,8 +6,10 @@
     r = p(image)            # numpy [H, W, 3] uint8 RGB or PIL image → dict
     rs = p([im1, im2])      # a batch → list of dicts
 
-Each result: ``boxes`` float32 [N, 4] (x0, y0, x1, y1 in the image's pixels), ``masks`` bool [N, H, W],
-``scores`` float32 [N], ``labels`` int64 [N], ``names`` (class name per detection). Both paths resize
+Each result: ``boxes`` float32 [N, 4] (x0, y0, x1, y1 in the image's pixels), ``masks`` bool [N, H, W]
+(not for a GroundingDINO), ``scores`` float32 [N], ``labels`` int64 [N], ``names`` (class name per detection).
+A GroundingDINO looks for its dataset's class names (baked into an export), with ``predict --prompt``'s
+box threshold. Both paths resize
 like evaluation (``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``, the test mapper's transform), run the
 same graph module (``ExportModule``) and the same post-processing (``deploy.postprocess``).
 """
@@ -99,7 +101,7 @@ class Predictor:
         else:
             from surgdino.config import load_config
             from surgdino.deploy.export import settings
-            from surgdino.deploy.graph import ExportModule
+            from surgdino.deploy.graph import ExportModule, GroundingExportModule
             from surgdino.engine.predictor import Predictor as TorchPredictor
 
             if isinstance(model, Config):
@@ -109,7 +111,9 @@ class Predictor:
                 cfg = load_config(os.fspath(model), list(opts or []) + (["MODEL.WEIGHTS", weights] if weights else []))
             tp = TorchPredictor(cfg)
             self.device = tp.device
-            self.backend = _TorchBackend(ExportModule(tp.model).eval())
+            grounding = callable(getattr(tp.model, "set_class_names", None))
+            module = GroundingExportModule(tp.model, list(tp.thing_classes)) if grounding else ExportModule(tp.model)
+            self.backend = _TorchBackend(module.eval())
             self.pre, self.post = settings(cfg, tp.model, height=size[0] if size else None,
                                            width=size[1] if size else None)
             self.class_names = list(tp.thing_classes)
@@ -147,6 +151,4 @@ class _TorchBackend:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, pad_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        from surgdino.modeling.maskdino.model import RAW_OUTPUTS
-
-        return dict(zip(RAW_OUTPUTS, self.module(images, pad_mask)))
+        return dict(zip(self.module.outputs, self.module(images, pad_mask)))

@@ -19,8 +19,8 @@ import torch
 from surgdino.config import Config
 from surgdino.engine.predictor import Predictor
 from surgdino.errors import ConfigError
-from surgdino.modeling.grounding.prompts import class_scores, normalize_name, phrases, split_prompt
-from surgdino.modeling.maskdino.box_ops import box_cxcywh_to_xyxy
+from surgdino.modeling.grounding.postprocess import threshold_detections
+from surgdino.modeling.grounding.prompts import normalize_name, phrases, split_prompt
 from surgdino.structures import batch_images
 
 BOX_THRESHOLD = 0.35  # IDEA GroundingDINO's README values
@@ -38,19 +38,10 @@ def grounded_detections(model: Any, image: torch.Tensor, out_size: tuple[int, in
     batch = batch_images([img], model.size_divisibility)
     prompt = model.prompt()
     raw = model.forward_tensors(batch.tensors, batch.mask, **model.text_inputs(prompt, 1))
-    t = prompt.num_tokens
-    probs = raw["pred_logits"][-1, 0, :, :t].float().sigmoid()  # [Q, T]
-    in_name = prompt.positive_map.to(dev).bool().any(0)  # [T]
-    scores = probs.masked_fill(~in_name, 0.0).max(-1).values  # [Q]
-    keep = (scores > box_threshold).nonzero().flatten()
-    keep = keep[scores[keep].argsort(descending=True)]
-    h, w = out_size
-    boxes = box_cxcywh_to_xyxy(raw["pred_boxes"][-1, 0, keep].float()) * torch.tensor([w, h, w, h], device=dev)
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-    labels = class_scores(probs[keep], prompt.positive_map.to(dev)).argmax(-1)
-    return {"boxes": boxes, "scores": scores[keep], "labels": labels,
-            "phrases": phrases(prompt, probs[keep], text_threshold)}
+    out = threshold_detections(raw["pred_logits"][-1, 0], raw["pred_boxes"][-1, 0], prompt.positive_map, out_size,
+                               box_threshold)
+    probs = out.pop("probs")
+    return dict(out, phrases=phrases(prompt, probs, text_threshold))
 
 
 class GroundedPredictor(Predictor):

@@ -1,5 +1,7 @@
 """GroundingDINO inference for one image: class scores from token probabilities (mean over each class's
-tokens, Open-GroundingDino's post-processing), top-k (query, class) pairs, boxes in original pixels."""
+tokens, Open-GroundingDino's post-processing), top-k (query, class) pairs, boxes in original pixels; and
+the free-text prediction's box threshold (``threshold_detections``, shared by ``predict --prompt`` and
+the ONNX path)."""
 
 from __future__ import annotations
 
@@ -31,3 +33,25 @@ class GroundingPostProcessor:
         xyxy[:, 1::2] = xyxy[:, 1::2].clamp(0, h)
         keep = scores >= self.score_threshold
         return {"boxes": xyxy[keep], "scores": scores[keep], "labels": labels[keep]}
+
+
+@torch.no_grad()
+def threshold_detections(logits: torch.Tensor, boxes: torch.Tensor, positive_map: torch.Tensor,
+                         out_size: tuple[int, int], box_threshold: float) -> dict[str, torch.Tensor]:
+    """IDEA's ``predict``: ``logits [Q, Tmax]``, ``boxes [Q, 4]`` (normalised cxcywh) → queries whose best
+    probability over the class names' tokens exceeds ``box_threshold``, best first: ``{"boxes" [K, 4] xyxy in
+    ``out_size`` pixels, "scores" [K], "labels" [K] (the class of highest mean token probability), "probs"
+    [K, T] (token probabilities of the prompt's T tokens)}``."""
+    t = positive_map.shape[1]
+    probs = logits[:, :t].float().sigmoid()  # [Q, T]
+    pmap = positive_map.to(logits.device)
+    in_name = pmap.bool().any(0)  # [T]
+    scores = probs.masked_fill(~in_name, 0.0).max(-1).values  # [Q]
+    keep = (scores > box_threshold).nonzero().flatten()
+    keep = keep[scores[keep].argsort(descending=True)]
+    h, w = out_size
+    xyxy = box_cxcywh_to_xyxy(boxes[keep].float()) * torch.tensor([w, h, w, h], device=boxes.device)
+    xyxy[:, 0::2] = xyxy[:, 0::2].clamp(0, w)
+    xyxy[:, 1::2] = xyxy[:, 1::2].clamp(0, h)
+    labels = class_scores(probs[keep], pmap).argmax(-1)
+    return {"boxes": xyxy, "scores": scores[keep], "labels": labels, "probs": probs[keep]}

@@ -47,7 +47,7 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     cols = masks.any(-2)  # [..., W]
     ys = torch.arange(h, device=masks.device, dtype=torch.float32)
     xs = torch.arange(w, device=masks.device, dtype=torch.float32)
-    big = float(max(h, w) + 1)
+    big = h + w + 1  # beyond every index (a graph value under tracing, so an export follows the mask size)
     y0 = torch.where(rows, ys, big).amin(-1)
     y1 = torch.where(rows, ys, -1.0).amax(-1) + 1
     x0 = torch.where(cols, xs, big).amin(-1)

@@ -86,7 +86,8 @@ class MaskDINODecoder(BoxRefinementDecoder):
         fs = inputs.feat_sizes
         scale = torch.stack([fs[:, 1], fs[:, 0]] * 2, -1)[:, None]  # [B, 1, 4]
         out = []
-        for e in embeds.split(chunk, 1):
+        for i in range(0, embeds.shape[1], chunk):  # slices, not split(): its ONNX export rounds up the last chunk
+            e = embeds[:, i:i + chunk]
             masks = torch.einsum("bqd,bdhw->bqhw", e, inputs.mask_features) > 0  # [B, q, h, w]
             out.append(box_xyxy_to_cxcywh(masks_to_boxes(masks)) / scale)
         return inverse_sigmoid(torch.cat(out, 1).clamp(0, 1))
