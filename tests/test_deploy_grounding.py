@@ -91,3 +91,21 @@ def test_predictor_onnx_equals_pytorch(exported):
 def test_dynamic_grounding_export_says_why_not(exported, tmp_path):
     with pytest.raises(SurgDinoError, match="--dynamic: a GroundingDINO exports at a fixed --height/--width only"):
         export_onnx(exported["cfg"], str(tmp_path / "m.onnx"), dynamic=True)
+
+
+def test_predict_onnx_on_a_folder(exported, tmp_path):
+    import json
+    import os
+
+    from PIL import Image
+
+    from surgdino.cli import main as cli_main
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (100, 90, 3), dtype=np.uint8)).save(folder / "a.png")
+    out = tmp_path / "out"
+    assert cli_main(["predict", "--onnx", exported["onnx"], "--input", str(folder), "--output", str(out)]) == 0
+    assert sorted(os.listdir(out)) == ["a.png", "coco_results.json", "images.json"]
+    results = json.loads((out / "coco_results.json").read_text())
+    assert {r["category_id"] for r in results} <= {3, 5, 9} and all("segmentation" not in r for r in results)
