@@ -10,7 +10,9 @@ from typing import Any
 def register_export(sub: argparse._SubParsersAction, add_config_arguments: Any) -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export a trained model to ONNX (checked with onnxruntime against PyTorch)",
                        description="Export MODEL.WEIGHTS (its EMA weights if it has them) to an ONNX file with the "
-                                   "config and class names in its metadata; `surgdino predict --onnx FILE` runs it.")
+                                   "config and class names in its metadata; `surgdino predict --onnx FILE` runs it. "
+                                   "MaskDINO / DI-MaskDINO, or a GroundingDINO with its class names as a fixed prompt "
+                                   "(text features baked in).")
     e.add_argument("--output", metavar="FILE", help="the .onnx file to write; required")
     e.add_argument("--height", type=int, default=None, help="fixed input height (default: the test size, rounded up)")
     e.add_argument("--width", type=int, default=None, help="fixed input width (default: the test size, rounded up)")
