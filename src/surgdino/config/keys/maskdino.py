@@ -6,7 +6,7 @@ from surgdino.log import get_logger
 logger = get_logger(__name__)
 
 d("MODEL.BACKBONE.NAME", "convnext", "str",
-  "Backbone from the registry: convnext (sized by MODEL.CONVNEXT), convnext_{atto,femto,pico,nano,tiny,small,base}, D2ConvNeXt (alias of convnext), surgeryclip.")
+  "Backbone from the registry: convnext (sized by MODEL.CONVNEXT), convnext_{atto,femto,pico,nano,tiny,small,base}, D2ConvNeXt (alias of convnext), build_resnet_backbone or resnet (detectron2 ResNet, MODEL.RESNETS), D2SwinTransformer (MaskDINO's Swin, MODEL.SWIN), swin_{tiny,small,base,large} (GroundingDINO Swin presets), surgeryclip.")
 d("MODEL.BACKBONE.FREEZE_AT", 0, "int", "Frozen backbone parts, counted as in detectron2: 0 = none, 1 = stem, 2 = stem + res2, 3 = + res3, 4 = + res4, 5 = stem and all four stages; frozen parts get no gradient and run in eval mode (no drop path); ConvNeXt output norms always train.")
 
 d("MODEL.CONVNEXT.DEPTHS", [3, 3, 9, 3], "list[int]", "Blocks per stage (Tiny [3,3,9,3]; Small and Base [3,3,27,3]).")
