@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from surgdino.config.core import load_config
+from surgdino.engine.checkpointer import load_weights
 from surgdino.errors import CheckpointError, ConfigError
+from surgdino.modeling import build_model
 from surgdino.modeling.backbone import build_backbone
 from surgdino.modeling.backbone.swin import (
     d2_swin,
@@ -132,8 +134,24 @@ def test_imagenet_pth_loads_without_head_and_as_model_weights(tmp_path):
     full = swin_as_model_weights({"model": state})
     assert full is not None and all(k.startswith("backbone.body.") for k in full)
     mixed = swin_as_model_weights({**{f"backbone.{k}": v for k, v in official_state(**TINY).items()},
-                                   "sem_seg_head.x": torch.ones(2)})
-    assert torch.equal(mixed["sem_seg_head.x"], torch.ones(2)) and "backbone.body.swin.embeddings.norm.weight" in mixed
+                                   "pixel_decoder.x": torch.ones(2)})
+    assert torch.equal(mixed["pixel_decoder.x"], torch.ones(2)) and "backbone.body.swin.embeddings.norm.weight" in mixed
+    assert swin_as_model_weights({"sem_seg_head.predictor.x": torch.ones(1), **full}) is None  # official heads: theirs
+
+
+def test_maskdino_with_d2swin_loads_official_backbone_names_as_model_weights(tmp_path):
+    cfg = load_config("surgdino://demo/dimaskdino_atto_trays.yaml", [
+        "MODEL.BACKBONE.NAME", "D2SwinTransformer", "MODEL.SWIN.EMBED_DIM", "16", "MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]",
+        "MODEL.SWIN.NUM_HEADS", "[1, 2, 2, 4]", "MODEL.DEVICE", "cpu"])
+    model = build_model(cfg).eval()
+    state = {f"backbone.{k}": v.float() for k, v in official_state(**TINY).items()}
+    torch.save({"model": state}, tmp_path / "w.pth")
+    load_weights(model, str(tmp_path / "w.pth"))
+    backbone = model.backbone.state_dict()
+    assert all(torch.equal(backbone[k], v.float()) for k, v in official_swin_to_ours(official_state(**TINY))[0].items())
+    with torch.no_grad():
+        out = model([{"image": torch.randint(0, 255, (3, 90, 122), dtype=torch.uint8), "height": 90, "width": 122}])
+    assert out[0]["masks"].shape[-2:] == (90, 122)
 
 
 def test_bad_weights_are_one_clear_error():

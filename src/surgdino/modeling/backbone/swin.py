@@ -315,9 +315,13 @@ def load_swin_weights(backbone: SwinBackbone, path_or_state_dict: str | Mapping[
 @register_weight_converter
 def swin_as_model_weights(state: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
     """Swin layouts as full-model weights for ``MODEL.WEIGHTS``: a bare official / timm Swin checkpoint
-    becomes ``backbone.*``; a full model's official ``backbone.patch_embed.* / backbone.layers.*`` names are
-    mapped, other tensors kept as they are. None when ``state`` is something else."""
+    becomes ``backbone.*``; a model's official ``backbone.patch_embed.* / backbone.layers.*`` names are
+    mapped, other tensors kept as they are. None when ``state`` is something else, and for official
+    MaskDINO checkpoints (``sem_seg_head.*``): their converter maps the heads and, through
+    ``checkpoint_io.convert_weights`` on the ``backbone.*`` tensors, calls this one for the backbone."""
     state = unwrap_state_dict(state)
+    if any(isinstance(k, str) and k.startswith("sem_seg_head.") for k in state):
+        return None
     if detect_swin_format(state) is not None:
         converted, _ = official_swin_to_ours(state)
         return {f"backbone.{k}": v for k, v in converted.items()}
