@@ -193,3 +193,39 @@ def test_built_from_the_official_keys():
     assert {k: tuple(v.shape) for k, v in out.items()} == {"res3": (1, 32, 7, 9), "res5": (1, 128, 2, 3)}
     with pytest.raises(ConfigError, match="APE"):
         load_config(None, ["MODEL.SWIN.APE", "True"])
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (eval, ("1 + 1",))
+
+
+class _StorageOf:
+    """Pickles as torch's own storage reconstruction, with chosen ``torch.save`` bytes inside."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def __reduce__(self):
+        return (torch.storage._load_from_bytes, (self.data,))
+
+
+def test_d2_pkl_of_pickled_tensors_loads_and_stays_safe(tmp_path):
+    """MaskDINO's convert-pretrained-swin-model-to-d2.py pickles torch tensors into the ``.pkl`` its Swin-L
+    config names: they load (storages read weights-only); code hidden in a storage's bytes is refused."""
+    import io
+    import pickle
+
+    from surgdino.checkpoint_io import UnsafeCheckpointError
+
+    state = {k: v.float() for k, v in official_state(**TINY, classifier=5).items()}
+    path = tmp_path / "swin_tiny_patch4_window7_224.pkl"
+    path.write_bytes(pickle.dumps({"model": state, "__author__": "third_party", "matching_heuristics": True}))
+    missing, unexpected = load_swin_weights(_tiny(), str(path))
+    assert unexpected == [] and len(missing) == 8
+    buf = io.BytesIO()
+    torch.save(_RunsCode(), buf)
+    bad = tmp_path / "bad.pkl"
+    bad.write_bytes(pickle.dumps({"model": {"x": _StorageOf(buf.getvalue())}}))
+    with pytest.raises(UnsafeCheckpointError, match="refused for safety"):
+        load_swin_weights(_tiny(), str(bad))
