@@ -193,3 +193,11 @@ def test_official_datasets_and_weights_fail_at_use_with_the_fix():
         DatasetCatalog.get("coco_2017_train")
     with pytest.raises(CheckpointError, match="is a URL; SurgDINO downloads nothing"):
         read_checkpoint("detectron2://ImageNetPretrained/torchvision/R-50.pkl")
+
+
+def test_official_key_tables_agree_with_the_schema():
+    from surgdino.config.core import schema
+    from surgdino.config.official import OFFICIAL_KEYS, UNSUPPORTED
+
+    assert OFFICIAL_KEYS <= set(schema()), sorted(OFFICIAL_KEYS - set(schema()))
+    assert not set(UNSUPPORTED) & set(schema())
