@@ -181,6 +181,18 @@ def test_qk_scale_patch_norm_and_freeze_at():
         d2_swin(embed_dim=16, num_heads=[3, 6, 12, 24])
 
 
+def test_use_checkpoint_gives_the_same_gradients():
+    state = official_state(**TINY)
+    grads = []
+    for flag in (False, True):
+        model = _tiny(use_checkpoint=flag).train()
+        load_swin_weights(model, state)
+        x = torch.randn(1, 3, 40, 56, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        sum(v.sum() for v in model(x).values()).backward()
+        grads.append(model.body.swin.encoder.layers[0].blocks[1].attention.q_proj.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-12)
+
+
 def test_built_from_the_official_keys():
     cfg = load_config(None, ["MODEL.BACKBONE.NAME", "D2SwinTransformer", "MODEL.SWIN.EMBED_DIM", "16",
                              "MODEL.SWIN.DEPTHS", "[2, 2, 2, 2]", "MODEL.SWIN.NUM_HEADS", "[1, 2, 2, 4]",

@@ -142,8 +142,9 @@ def d2_swin(*, pretrain_img_size: int = 224, patch_size: int = 4, embed_dim: int
     model = SwinBackbone(cfg, freeze_at=freeze_at, qk_scale=qk_scale or None, d2_layout=True)
     if not patch_norm:
         model.body.swin.embeddings.norm = nn.Identity()
-    if use_checkpoint:
-        model.body.gradient_checkpointing_enable()
+    if use_checkpoint:  # transformers >= 5 names it activation_checkpointing_enable
+        enable = getattr(model.body, "activation_checkpointing_enable", None) or model.body.gradient_checkpointing_enable
+        enable()
     return model
 
 
