@@ -94,6 +94,10 @@ def test_features_equal_the_official_code_on_a_non_window_multiple_size():
     for name in ("res2", "res3", "res4", "res5"):
         assert out[name].shape == ref[name].shape
         torch.testing.assert_close(out[name], ref[name], rtol=0, atol=1e-9)
+    with torch.no_grad():  # float32, as models run
+        out32 = model.float()(image.float())
+    for name in ("res2", "res3", "res4", "res5"):
+        torch.testing.assert_close(out32[name], ref[name].float(), rtol=0, atol=1e-5)
     assert {k: (v.channels, v.stride) for k, v in model.output_shape().items()} == {
         "res2": (16, 4), "res3": (32, 8), "res4": (64, 16), "res5": (128, 32)}
 
