@@ -3,18 +3,22 @@
 The decoder outputs' structure (layers, interm, denoising groups, DI's token-interaction outputs) comes from one
 real forward of the configured model at a small image; every output tensor is then replaced by a random leaf of
 the size a ``--size``² batch gives (mask features at ``--size``/4), and the targets' masks are upsampled to
-``--size``². Times are process CPU times (fair on a shared machine), the best of ``--iters``; the batched mask
-losses (``SetCriterion.batched_masks = True``, the default) and the per-layer reference path are timed
-interleaved in one process, with the same random points (same seed), and their losses compared.
+``--size``². Times are process CPU times (fairer on a shared machine), the best of ``--iters``; the stacked
+mask losses (``SetCriterion.batched_masks = True``) and the per-layer path (the default) are timed interleaved
+in one process, with the same random points (same seed), and their losses compared. ``--step`` times whole
+train steps of the model at ``--size`` instead (median of ``--iters``).
 
     python benchmarks/criterion.py --threads 1                      # the user document's configuration
     python benchmarks/criterion.py --size 256 MODEL.MaskDINO.TRAIN_NUM_POINTS 4096
+    python benchmarks/criterion.py --step --config-file src/surgdino/configs/demo/dimaskdino_atto_trays.yaml \
+        --size 256 --batch 4 --instances 8 --iters 5               # the demo's train step
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -59,6 +63,9 @@ def main() -> None:
     ap.add_argument("--capture-size", type=int, default=128, help="image side of the one real forward")
     ap.add_argument("--instances", type=int, default=25)
     ap.add_argument("--iters", type=int, default=2, help="timed rounds (each path once per round)")
+    ap.add_argument("--step", action="store_true",
+                    help="time the whole train step (forward + backward at --size) instead of the criterion alone")
+    ap.add_argument("--chunk", type=int, default=0, help="SetCriterion.mask_batch_candidates (0: its default)")
     ap.add_argument("--profile", action="store_true", help="top operators of each path (one extra pass each)")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = ap.parse_args()
@@ -76,9 +83,14 @@ def main() -> None:
             captured["out"], captured["targets"] = out, targets
             return {"loss": out["pred_logits"].sum() * 0.0}
 
+    if args.step:
+        return _time_steps(model, _batch(args.batch, args.size, args.instances, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES),
+                           args)
     criterion, model.criterion = model.criterion, Capture()
     with torch.no_grad():
         model(_batch(args.batch, args.capture_size, args.instances, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES))
+    if args.chunk:
+        criterion.mask_batch_candidates = args.chunk
     factor = args.size // args.capture_size
     outputs = _scaled(captured["out"], factor, {})
     targets = [dict(t, masks=F.interpolate(t["masks"][None].float(), scale_factor=factor)[0] > 0.5)
@@ -95,7 +107,7 @@ def main() -> None:
         t = time.process_time()
         losses = criterion(outputs, targets)
         sum(losses.values()).backward()
-        return time.process_time() - t, {k: float(v) for k, v in losses.items()}
+        return time.process_time() - t, {k: float(v.detach()) for k, v in losses.items()}
 
     times = {True: [], False: []}
     for _ in range(args.iters):
@@ -119,6 +131,24 @@ def main() -> None:
     before, after = min(times[False]), min(times[True])
     print(f"criterion forward + backward, process CPU s (best of {args.iters}): per-layer {before:.2f}, "
           f"batched {after:.2f}, ratio {after / before:.2f}; largest relative loss difference {worst:.1e}")
+
+
+def _time_steps(model: torch.nn.Module, batch: list[dict], args: argparse.Namespace) -> None:
+    """Whole train steps (forward + backward), per-layer and stacked mask losses alternating; one warm-up round."""
+    times = {True: [], False: []}
+    for r in range(args.iters + 1):
+        for batched in (False, True):
+            model.criterion.batched_masks = batched
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(r)
+            t = time.process_time()
+            sum(model(batch).values()).backward()
+            if r:
+                times[batched].append(time.process_time() - t)
+    before, after = statistics.median(times[False]), statistics.median(times[True])
+    print(f"{args.config_file} {' '.join(args.opts)}\nthreads {args.threads}, batch {args.batch} at {args.size}², "
+          f"{args.instances} instances/image: train step, process CPU s (median of {args.iters}): per-layer "
+          f"{before:.3f}, stacked {after:.3f}, ratio {after / before:.3f}")
 
 
 if __name__ == "__main__":

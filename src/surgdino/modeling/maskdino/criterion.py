@@ -149,10 +149,12 @@ class SetCriterion(nn.Module):
     (initial prediction first), ``_interm`` for the encoder's selected queries and ``_dn``/``_dn_{i}``
     for denoising queries. All losses are already multiplied by their weights.
 
-    ``batched_masks`` (default): the mask losses of all layers are computed together after every layer's
-    matching (the layers' matched pairs stacked: one uncertainty sampling, one target sampling per image,
-    one loss evaluation), with each layer's random points drawn in the per-layer order, so the losses
-    equal those of ``loss_masks`` layer by layer (``batched_masks=False``, the reference path).
+    ``batched_masks``: the mask losses of all layers are computed together after every layer's matching
+    (the layers' matched pairs stacked: one uncertainty sampling, one target sampling per image, one loss
+    evaluation), with each layer's random points drawn in the per-layer order, so the losses and gradients
+    equal those of ``loss_masks`` layer by layer (the default). Off by default: on CPU the stacked pass
+    measured 1.07-1.30× the per-layer time (``benchmarks/criterion.py``: the stacking copies cost more
+    than the saved calls, which are few and large); it is there for launch-bound devices, not yet measured.
     """
 
     mask_batch_candidates = 1 << 24  # at most this many candidate points per stacked chunk (memory bound)
@@ -160,7 +162,7 @@ class SetCriterion(nn.Module):
     def __init__(self, *, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float],
                  num_points: int = 12544, oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75,
                  focal_alpha: float = 0.25, focal_gamma: float = 2.0, dn: str = "seg",
-                 deep_supervision: bool = True, box_loss: bool = True, batched_masks: bool = True):
+                 deep_supervision: bool = True, box_loss: bool = True, batched_masks: bool = False):
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher
