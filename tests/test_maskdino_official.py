@@ -231,3 +231,30 @@ def test_torchvision_resnet_weights_load_as_the_backbone(tmp_path):
     sd = model.state_dict()
     assert torch.equal(sd["backbone.res4.5.conv3.weight"], tv["layer3.5.conv3.weight"])
     assert torch.equal(sd["backbone.stem.conv1.norm.running_var"], tv["bn1.running_var"])
+
+
+def test_fine_tuning_from_official_weights_trains(fixture, tmp_path):
+    """A 7-class official-architecture model over the 5-class official weights: training steps lower the loss."""
+    from test_maskdino_bitwise import _input
+
+    torch.manual_seed(0)
+    model = _model("high2low_bitmask", ["MODEL.SEM_SEG_HEAD.NUM_CLASSES", "7", "MODEL.MaskDINO.TRAIN_NUM_POINTS", "256"])
+    _load_official(model, official_random_state(fixture["high2low_bitmask"]["spec"]), tmp_path)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    batch = [_input(64, 96, 2, 1), _input(64, 64, 1, 2)]
+
+    def loss_at(seed: int) -> torch.Tensor:  # fixed denoising noise and sampled points
+        torch.manual_seed(seed)
+        return sum(model(batch).values())
+
+    with torch.no_grad():
+        before = float(loss_at(0))
+    for step in range(4):
+        loss = loss_at(step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        after = float(loss_at(0))
+    assert after < before, (before, after)
