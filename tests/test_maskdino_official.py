@@ -13,6 +13,7 @@ post-processed instances.
 
 from __future__ import annotations
 
+import pickle
 import re
 import zlib
 from pathlib import Path
@@ -204,10 +205,11 @@ def test_more_classes_load_all_but_the_class_head_with_one_log_line(fixture, tmp
         assert torch.equal(after[k], before[k] if k in class_sized else ours[k]), k
 
 
-def test_convert_maskdino_cli_writes_our_layout_and_the_report(fixture, tmp_path, capsys):
+def test_convert_maskdino_cli_reads_the_pkl_form_and_writes_our_layout_and_the_report(fixture, tmp_path, capsys):
     state = official_random_state(fixture["low2high_mask2box"]["spec"])
-    src, out = tmp_path / "official.pth", tmp_path / "ours.pth"
-    torch.save({"model": state, "iteration": 368750}, src)
+    src, out = tmp_path / "official.pkl", tmp_path / "ours.pth"  # detectron2's .pkl form: numpy arrays
+    with open(src, "wb") as f:
+        pickle.dump({"model": {k: v.numpy() for k, v in state.items()}, "__author__": "IDEA"}, f)
     opts = TINY + VARIANTS["low2high_mask2box"]
     assert main(["convert", "maskdino", "--source", str(src), "--output", str(out), *opts]) == 0
     text = capsys.readouterr().out
@@ -258,3 +260,30 @@ def test_fine_tuning_from_official_weights_trains(fixture, tmp_path):
     with torch.no_grad():
         after = float(loss_at(0))
     assert after < before, (before, after)
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_out_of_image_tokens_compete_in_the_official_selection(official):
+    """MaskDINO's code zeroes the memory of tokens whose proposal leaves the image (here the two ends of a 1×64
+    level: centres 0.5/64 and 63.5/64) but still ranks them, with +inf boxes; ours never selects them."""
+    from surgdino.modeling.layers.box_refine import DecoderInputs
+    from surgdino.modeling.maskdino.decoder import MaskDINODecoder
+
+    torch.manual_seed(0)
+    dec = MaskDINODecoder(num_classes=3, hidden_dim=32, num_queries=2, nheads=4, dim_feedforward=16, dec_layers=1,
+                          mask_dim=32, num_feature_levels=1, official=official)
+    u = torch.randn(32)
+    u -= u.mean()
+    with torch.no_grad():
+        dec.enc_output.weight.copy_(torch.eye(32))
+        dec.enc_output.bias.zero_()
+        dec.class_embed.weight.copy_(u.expand(3, 32))
+        dec.class_embed.bias.zero_()
+    memory = -u + 0.01 * torch.randn(1, 64, 32)  # every in-image token scores about -|u|²/std(u) < 0
+    inputs = DecoderInputs(memory=memory, memory_mask=torch.zeros(1, 64, dtype=torch.bool), shapes=[(1, 64)],
+                           ratios=torch.ones(1, 1, 2))
+    _, boxes, valid = dec.top_tokens(inputs, 2)
+    if official:  # zeroed memory scores 0, above every in-image token
+        assert not valid.any() and torch.isinf(boxes).all()
+    else:
+        assert valid.all() and torch.isfinite(boxes).all()

@@ -28,6 +28,7 @@ lists every model tensor the converted weights leave unfilled (with shapes).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ OFFICIAL_PREFIXES = ("sem_seg_head.pixel_decoder.", "sem_seg_head.predictor.")
 PD, PR = "sem_seg_head.pixel_decoder.", "sem_seg_head.predictor."
 
 
+@functools.cache
 def _compile(template: str) -> tuple[re.Pattern, str]:
     """``a.{i}.b.{p*}`` → a full-match regex with named groups and the ``str.format`` template."""
     out, pos = [], 0
