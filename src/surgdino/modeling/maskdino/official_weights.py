@@ -344,4 +344,6 @@ def official_maskdino_as_model_weights(state: Mapping[str, Any]) -> dict[str, to
         (logger.warning if line.lstrip().startswith("unused") else logger.info)(line)
     if "pixel_decoder.input_proj.0.conv.bias" not in out:
         logger.warning("MODEL.WEIGHTS: official checkpoint without input-projection biases; is it MaskDINO's?")
+    logger.info("MODEL.WEIGHTS: official weights compute as the official model only with MODEL.MaskDINO.ARCHITECTURE "
+                "official (the surgdino architecture ignores the input-projection biases and orders levels otherwise)")
     return out
