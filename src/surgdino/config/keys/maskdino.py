@@ -33,9 +33,14 @@ d(h + "NUM_FEATURE_LEVELS", 3, "int",
 d(h + "TOTAL_NUM_FEATURE_LEVELS", 4, "int", "Levels of the encoder: backbone levels plus extra stride-2 levels below the lowest resolution.")
 d(h + "TRANSFORMER_ENC_LAYERS", 6, "int", "Deformable encoder layers.")
 d(h + "COMMON_STRIDE", 4, "int", "Stride of the mask features (fused with the finest backbone level).")
-d(h + "FEATURE_ORDER", "low2high", "str", "Order of encoder levels: low2high (coarse first) or high2low.", choices=["low2high", "high2low"])
+d(h + "FEATURE_ORDER", "", "str",
+  "Order of the levels the decoder sees: low2high (coarse first) or high2low (fine first); the surgdino architecture's encoder sees the same order, the official one's the reverse (as MaskDINO's code). Empty: the architecture's default (surgdino low2high, official high2low, MaskDINO's default).",
+  choices=["", "low2high", "high2low"])
 
 m = "MODEL.MaskDINO."
+d(m + "ARCHITECTURE", "surgdino", "str",
+  "surgdino: our design (padding masks honoured, bias-free input projections, encoder and decoder see the levels in one order, invalid tokens never selected); official: IDEA-Research/MaskDINO's computation, so its checkpoints load unchanged and give its outputs (input-projection biases, reversed decoder level order, reference boxes from un-normed queries, no padding mask).",
+  choices=["surgdino", "official"])
 d(m + "TRANSFORMER_DECODER_NAME", "MaskDINODecoder", "str", "MaskDINODecoder, or DIMaskDINODecoder (De-Imbalance + BATO).",
   choices=["MaskDINODecoder", "DIMaskDINODecoder"])
 d(m + "DEEP_SUPERVISION", True, "bool", "Losses on every decoder layer (and on the token-interaction outputs with DI).")
@@ -111,6 +116,25 @@ def encoder_in_features(cfg) -> list[str]:
     if given == _DEFAULT_ENC_IN and n != len(given) and 1 <= n <= 4:
         return _LEVELS[4 - n:]
     return given
+
+
+def is_official(cfg) -> bool:
+    """``MODEL.MaskDINO.ARCHITECTURE`` is ``official`` (IDEA-Research/MaskDINO's computation)."""
+    return cfg.MODEL.MaskDINO.ARCHITECTURE == "official"
+
+
+def decoder_level_order(cfg) -> str:
+    """``FEATURE_ORDER``, or the architecture's default when it is empty: the order the decoder sees."""
+    order = cfg.MODEL.SEM_SEG_HEAD.FEATURE_ORDER
+    return order or ("high2low" if is_official(cfg) else "low2high")
+
+
+def encoder_level_order(cfg) -> str:
+    """The order the pixel decoder's encoder sees: the decoder's, reversed by the official architecture."""
+    order = decoder_level_order(cfg)
+    if is_official(cfg):
+        return "high2low" if order == "low2high" else "low2high"
+    return order
 
 
 def check_feature_levels(cfg) -> None:
