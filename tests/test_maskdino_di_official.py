@@ -10,6 +10,7 @@ shim; the reference hard-codes 256-wide sine embeddings, which the harness made 
 """
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -18,21 +19,23 @@ import torch
 from surgdino.config import load_config
 from surgdino.errors import CheckpointError, ConfigError
 from surgdino.modeling.maskdino import de_imbalance_official as official
-from surgdino.modeling.maskdino import di_official_keys as keys
 from surgdino.modeling.maskdino.de_imbalance import DIMaskDINODecoder
+from surgdino.modeling.maskdino.di_official_keys import DIMASKDINO, is_official_dimaskdino
+from surgdino.modeling.maskdino.official_weights import PR, official_keymap
 
 FIX = Path(__file__).parent / "fixtures"
 
-R50 = ["MODEL.MaskDINO.TRANSFORMER_DECODER_NAME", "DIMaskDINODecoder", "MODEL.MaskDINO.DI_DESIGN", "official",
+R50 = ["MODEL.MaskDINO.TRANSFORMER_DECODER_NAME", "DIMaskDINODecoder", "MODEL.MaskDINO.ARCHITECTURE", "official",
        "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "80", "MODEL.MaskDINO.DEC_LAYERS", "6", "MODEL.MaskDINO.TI_LAYERS", "2",
        "MODEL.MaskDINO.NUM_OBJECT_QUERIES", "300", "MODEL.MaskDINO.FIRST_SELECTED_QUERIES", "600",
        "MODEL.MaskDINO.NUM_GUIDING_TOKENS", "50", "MODEL.MaskDINO.DIM_FEEDFORWARD", "2048",
        "MODEL.SEM_SEG_HEAD.TOTAL_NUM_FEATURE_LEVELS", "4"]
-MEDICAL = ["MODEL.MaskDINO.DI_DESIGN", "official", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "20"]
+MEDICAL = ["MODEL.MaskDINO.ARCHITECTURE", "official", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "20"]
 
 
 def _official_state(name: str) -> dict[str, torch.Tensor]:
-    """Random tensors with the official names and shapes; tied copies share one tensor, as in the checkpoint."""
+    """Random tensors with the official names and shapes (``sem_seg_head.predictor.*``); tied copies share one
+    tensor, as in the checkpoint."""
     shapes = json.loads((FIX / f"official_di_predictor_{name}.json").read_text())
     g = torch.Generator().manual_seed(0)
     by_shape_group: dict[str, torch.Tensor] = {}
@@ -41,7 +44,7 @@ def _official_state(name: str) -> dict[str, torch.Tensor]:
         tied = _tied_group(k)
         if tied not in by_shape_group:
             by_shape_group[tied] = torch.randn(shape, generator=g)
-        state[k] = by_shape_group[tied]
+        state[PR + k] = by_shape_group[tied]
     return state
 
 
@@ -69,31 +72,33 @@ def _decoder(opts, config=None) -> DIMaskDINODecoder:
                                                MEDICAL)])
 def test_official_predictor_loads_every_tensor_and_round_trips(name, config, opts):
     dec = _decoder(opts, config)
+    assert dec.design == "official" and dec.official  # ARCHITECTURE official selects the official DI design
     state = _official_state(name)
-    entries = keys.predictor_entries(dec)
-    ours, unused, missing = keys.from_official(state, entries, list(dec.state_dict()))
-    assert unused == [] and missing == []
-    dec.load_state_dict(ours, strict=True)
-    back = keys.to_official(dec.state_dict(), entries)
+    assert official_keymap(state) is DIMASKDINO and is_official_dimaskdino(state)
+    ours, report = DIMASKDINO.to_ours(state, "x.pth")
+    model_state = {"decoder." + k: v for k, v in dec.state_dict().items()}
+    assert report.unused == [] and report.unfilled(model_state) == []
+    dec.load_state_dict({k[len("decoder."):]: v for k, v in ours.items()}, strict=True)
+    back = DIMASKDINO.to_official({"decoder." + k: v for k, v in dec.state_dict().items()})
     assert sorted(back) == sorted(state)
     assert all(torch.equal(back[k], state[k]) for k in state)
 
 
 def test_tied_copy_that_differs_is_an_error():
-    dec = _decoder(R50)
     state = dict(_official_state("r50"))
-    state["decoder.bbox_embed.3.layers.0.weight"] = state["decoder.bbox_embed.3.layers.0.weight"] + 1
-    with pytest.raises(CheckpointError, match=r"bbox_embed\.3\.layers\.0\.weight differs from .*_bbox_embed"):
-        keys.from_official(state, keys.predictor_entries(dec), list(dec.state_dict()), "x.pth")
+    for name in (PR + "oldm.bbox_embed.1.layers.0.weight", PR + "decoder.query_guide_feature_update.norm1.bias"):
+        edited = dict(state, **{name: state[name] + 1})
+        with pytest.raises(CheckpointError, match=re.escape(name) + " should be a tied copy of"):
+            DIMASKDINO.to_ours(edited, "x.pth")
 
 
 def _tiny(fx) -> tuple[DIMaskDINODecoder, object]:
     dec = DIMaskDINODecoder(num_classes=4, hidden_dim=32, num_queries=10, nheads=4, dim_feedforward=32, dec_layers=2,
                             mask_dim=32, num_feature_levels=3, first_selected_queries=20, num_guiding_tokens=4,
                             ti_layers=2, bato_dim_feedforward=32, design="official").eval()
-    ours, unused, missing = keys.from_official(fx["weights"], keys.predictor_entries(dec), list(dec.state_dict()))
-    assert unused == [] and missing == []
-    dec.load_state_dict(ours, strict=True)
+    ours, report = DIMASKDINO.to_ours({PR + k: v for k, v in fx["weights"].items()}, "fixture")
+    assert report.unused == [] and report.unfilled({"decoder." + k: v for k, v in dec.state_dict().items()}) == []
+    dec.load_state_dict({k[len("decoder."):]: v for k, v in ours.items()}, strict=True)
     levels = fx["levels"][::-1]  # the reference decoder reads the pixel decoder's levels in reverse
     masks = [torch.zeros(1, *lv.shape[-2:], dtype=torch.bool) for lv in levels]
     return dec, dec.decoder_inputs(levels, masks, fx["mask_features"], torch.tensor([[64, 64]]), (64, 64))
@@ -146,6 +151,7 @@ TINY = ["MODEL.BACKBONE.NAME", "convnext_atto", "MODEL.SEM_SEG_HEAD.CONVS_DIM", 
         "MODEL.SEM_SEG_HEAD.TOTAL_NUM_FEATURE_LEVELS", "3", "MODEL.MaskDINO.DN_NUM", "4",
         "MODEL.MaskDINO.TRANSFORMER_DECODER_NAME", "DIMaskDINODecoder", "MODEL.MaskDINO.FIRST_SELECTED_QUERIES", "20",
         "MODEL.MaskDINO.NUM_GUIDING_TOKENS", "4", "MODEL.MaskDINO.TI_LAYERS", "2", "MODEL.MaskDINO.DI_DESIGN", "official"]
+# (DI_DESIGN official with ARCHITECTURE surgdino: the reference's DI parts on our MaskDINO decoder, with padding masks)
 
 
 def test_official_design_trains_every_part():
@@ -171,6 +177,12 @@ def test_official_design_trains_every_part():
                  "bato_mask_norm.weight"):
         grad = dict(dec.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_default_design_follows_the_architecture():
+    assert _decoder(R50[:2]).design == "surgdino"
+    assert _decoder(R50[:2] + ["MODEL.MaskDINO.DI_DESIGN", "official"]).design == "official"
+    assert _decoder(R50 + ["MODEL.MaskDINO.DI_DESIGN", "surgdino"]).design == "surgdino"
 
 
 def test_official_design_config_errors():

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgdino.config.keys.maskdino import is_official
 from surgdino.errors import ConfigError
 from surgdino.modeling.layers import MLP, gather_tokens, gen_sineembed_for_position, inverse_sigmoid
 from surgdino.modeling.layers.box_refine import DecoderInputs, QuerySelection
@@ -118,7 +119,8 @@ class DIMaskDINODecoder(MaskDINODecoder):
                               "NUM_GUIDING_TOKENS 0")
         if m.TI_LAYERS < 0:
             raise ConfigError(f"{p}TI_LAYERS = {m.TI_LAYERS} must be >= 0")
-        official_design = m.DI_DESIGN == "official"
+        design = m.DI_DESIGN or ("official" if is_official(cfg) else "surgdino")
+        official_design = design == "official"
         if official_design and cfg.MODEL.SEM_SEG_HEAD.MASK_DIM != m.HIDDEN_DIM:
             raise ConfigError(f"{p}DI_DESIGN official needs MODEL.SEM_SEG_HEAD.MASK_DIM = {p}HIDDEN_DIM (its BATO "
                               f"fuses tokens into the mask features unprojected); they are "
@@ -127,7 +129,7 @@ class DIMaskDINODecoder(MaskDINODecoder):
         ffn = m.DIM_FEEDFORWARD if official_design else cfg.MODEL.SEM_SEG_HEAD.DIM_FEEDFORWARD
         return dict(super().from_config(cfg), first_selected_queries=m.FIRST_SELECTED_QUERIES,
                     num_guiding_tokens=m.NUM_GUIDING_TOKENS, ti_layers=m.TI_LAYERS,
-                    bato_dim_feedforward=ffn, design=m.DI_DESIGN)
+                    bato_dim_feedforward=ffn, design=design)
 
     @classmethod
     def build_criterion(cls, cfg, **kwargs) -> SetCriterion:

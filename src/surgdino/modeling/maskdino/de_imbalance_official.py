@@ -100,7 +100,7 @@ def layer1_query_pos(dec, hm: torch.Tensor, selection: QuerySelection, inputs: D
     """The decoder's layer-1 query positions ``[B, Q, D]`` of the matching queries ``hm`` after layer 0, computed
     as ``BoxRefinementDecoder.refine`` computes them."""
     ref0 = selection.boxes_unsig.sigmoid().detach()
-    ref1 = (dec.box_delta(0, hm) + inverse_sigmoid(ref0)).sigmoid().detach()
+    ref1 = (dec.reference_delta(0, hm, dec.box_delta(0, hm)) + inverse_sigmoid(ref0)).sigmoid().detach()
     ref_in = ref1[:, :, None] * torch.cat([inputs.ratios, inputs.ratios], -1)[:, None]  # [B, Q, L, 4]
     return dec.ref_point_head(gen_sineembed_for_position(ref_in[:, :, 0], dec.hidden_dim))
 

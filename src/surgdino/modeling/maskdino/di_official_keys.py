@@ -1,126 +1,76 @@
-"""Official DI-MaskDINO decoder names (``sem_seg_head.predictor.*``) ↔ ours (``decoder.*``), design ``official``.
+"""CQU-ADHRI-Lab/DI-MaskDINO checkpoints (and the Hello2015 ConvNeXt fork's) ⇄ our names: MaskDINO's map
+(``official_weights.MASKDINO``) plus the De-Imbalance (``oldm``) and BATO tensors, for a model built with
+``MODEL.MaskDINO.DI_DESIGN official``.
 
-The official decoder registers several modules under more than one name (tied copies): ``class_embed`` also
-as ``decoder.class_embed`` and ``oldm.class_embed``; the box head as ``_bbox_embed``, ``bbox_embed.N`` and
-``decoder.bbox_embed.N``; the TI box head as ``_oldm_bbox_embed``, ``oldm_bbox_embed.N`` and
-``oldm.bbox_embed.N``; ``oldm_norm`` as ``oldm.norm``; ``decoder_norm`` as ``decoder.norm``; BATO's update as
-``query_guide_feature_update`` and ``decoder.query_guide_feature_update``. Loading reads the first name and
-checks that the copies are equal; writing fills every copy.
+Official → ours: ``oldm.layers.N`` → ``decoder.ti_layers.N``; ``oldm.ref_point_head`` → ``ti_ref_point_head``;
+``oldm_norm`` → ``ti_norm``; ``_oldm_bbox_embed`` → ``ti_bbox_embed``; ``query_guide_feature_update``
+(``multihead_attn`` → ``cross_attn``) → ``bato_update``; ``decoder.mask_output_conv`` (conv, ``norm``) →
+``bato_mask_conv``, ``bato_mask_norm``.
 
-The official decoder layer calls its norms against their numbers: ``norm2`` follows self-attention and
-``norm1`` cross-attention (ours are numbered in execution order), so they are swapped, not renamed.
-
-``maskdino_entries`` covers the MaskDINO part of the predictor (the official MaskDINO decoder has the same
-names); ``di_entries`` the De-Imbalance and BATO parts.
+Tied copies (the same module saved under several names): ``oldm.norm`` is ``oldm_norm``; ``oldm_bbox_embed.T``
+and ``oldm.bbox_embed.T`` (one per TI layer T) are ``_oldm_bbox_embed``; ``oldm.class_embed`` and
+``decoder.class_embed`` are ``class_embed``; ``decoder.mask_embed`` is ``mask_embed``;
+``decoder.query_guide_feature_update`` is ``query_guide_feature_update``. Writing back fills one copy per TI
+layer (``{t}``), which the MaskDINO framework's per-decoder-layer ``{j}`` cannot express, hence
+``DIKeyMap.to_official``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
-from surgdino.errors import CheckpointError
+from surgdino.modeling.maskdino.official_weights import MASKDINO, PR, KeyMap, Rule, Tie, register_official_map
 
-Entry = tuple[str, tuple[str, ...]]  # (our module prefix, official prefixes: the first is read, all are written)
-
-OFFICIAL_PREFIX = "sem_seg_head.predictor."
-OUR_PREFIX = "decoder."
+_TI_TIES = (("oldm_bbox_embed.{t}.{x*}", "_oldm_bbox_embed."), ("oldm.bbox_embed.{t}.{x*}", "_oldm_bbox_embed."))
 
 
-def _layer_entries(ours: str, official: str, n: int, swap: dict[str, str] | None = None) -> list[Entry]:
-    """Per-layer entries; ``swap`` maps our sub-module names to the official ones where they differ."""
-    parts = ["self_attn", "cross_attn", "norm1", "norm2", "norm3", "linear1", "linear2"]
-    swap = swap or {}
-    return [(f"{ours}.{i}.{p}", (f"{official}.{i}.{swap.get(p, p)}",)) for i in range(n) for p in parts]
+@dataclasses.dataclass(frozen=True)
+class DIKeyMap(KeyMap):
+    """``KeyMap`` whose ``to_official`` also writes the per-TI-layer copies of the TI box head."""
+
+    def to_official(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        per_layer = dataclasses.replace(self, ties=tuple(t for t in self.ties if "{t}" not in t.copy))
+        out = KeyMap.to_official(per_layer, state)
+        n_ti = len({m.group(1) for k in state if (m := re.match(r"decoder\.ti_layers\.(\d+)\.", k))})
+        for k in [k for k in out if k.startswith(PR + "_oldm_bbox_embed.")]:
+            rest = k[len(PR + "_oldm_bbox_embed."):]
+            for t in range(n_ti):
+                out[f"{PR}oldm_bbox_embed.{t}.{rest}"] = out[k]
+                out[f"{PR}oldm.bbox_embed.{t}.{rest}"] = out[k]
+        return out
 
 
-def maskdino_entries(dec_layers: int) -> list[Entry]:
-    """The MaskDINO decoder's parts of the predictor (two-stage selection, heads, refinement layers)."""
-    entries: list[Entry] = [
-        ("enc_output", ("enc_output",)), ("enc_output_norm", ("enc_output_norm",)), ("label_enc", ("label_enc",)),
-        ("class_embed", ("class_embed", "decoder.class_embed", "oldm.class_embed")),
-        ("mask_embed", ("mask_embed", "decoder.mask_embed")),
-        ("decoder_norm", ("decoder_norm", "decoder.norm")),
-        ("bbox_embed", ("_bbox_embed", *(f"bbox_embed.{i}" for i in range(dec_layers)),
-                        *(f"decoder.bbox_embed.{i}" for i in range(dec_layers)))),
-        ("ref_point_head", ("decoder.ref_point_head",)),
-    ]
-    return entries + _layer_entries("layers", "decoder.layers", dec_layers, {"norm1": "norm2", "norm2": "norm1"})
+_base = MASKDINO.extended(
+    rules=[
+        Rule(PR + "oldm.layers.{i}.{x*}", "decoder.ti_layers.{i}.{x*}"),
+        Rule(PR + "oldm.ref_point_head.{x*}", "decoder.ti_ref_point_head.{x*}"),
+        Rule(PR + "oldm_norm.{p}", "decoder.ti_norm.{p}"),
+        Rule(PR + "_oldm_bbox_embed.{x*}", "decoder.ti_bbox_embed.{x*}"),
+        Rule(PR + "query_guide_feature_update.multihead_attn.{x*}", "decoder.bato_update.cross_attn.{x*}"),
+        Rule(PR + "query_guide_feature_update.{x*}", "decoder.bato_update.{x*}"),
+        Rule(PR + "decoder.mask_output_conv.norm.{p}", "decoder.bato_mask_norm.{p}"),
+        Rule(PR + "decoder.mask_output_conv.weight", "decoder.bato_mask_conv.weight"),
+    ],
+    ties=[
+        Tie(PR + "oldm.norm.{p}", PR + "oldm_norm.{p}"),
+        Tie(PR + "oldm.class_embed.{p}", PR + "class_embed.{p}"),
+        Tie(PR + "decoder.class_embed.{p}", PR + "class_embed.{p}"),
+        Tie(PR + "decoder.mask_embed.{x*}", PR + "mask_embed.{x*}"),
+        Tie(PR + "decoder.query_guide_feature_update.{x*}", PR + "query_guide_feature_update.{x*}"),
+        *(Tie(PR + copy, PR + canon + "{x*}") for copy, canon in _TI_TIES),
+    ],
+)
+DIMASKDINO = DIKeyMap(**{f.name: getattr(_base, f.name) for f in dataclasses.fields(KeyMap)})
 
 
-def di_entries(ti_layers: int) -> list[Entry]:
-    """De-Imbalance (``oldm``) and BATO parts of the official DI-MaskDINO predictor."""
-    bato = [(f"bato_update.{p}", (f"query_guide_feature_update.{q}", f"decoder.query_guide_feature_update.{q}"))
-            for p, q in [("cross_attn", "multihead_attn"), ("norm1", "norm1"), ("norm2", "norm2"),
-                         ("linear1", "linear1"), ("linear2", "linear2")]]
-    return [
-        ("ti_norm", ("oldm_norm", "oldm.norm")),
-        ("ti_ref_point_head", ("oldm.ref_point_head",)),
-        ("ti_bbox_embed", ("_oldm_bbox_embed", *(f"oldm_bbox_embed.{i}" for i in range(ti_layers)),
-                           *(f"oldm.bbox_embed.{i}" for i in range(ti_layers)))),
-        *[(f"ti_layers.{i}.{p}", (f"oldm.layers.{i}.{p}",))
-          for i in range(ti_layers) for p in ("self_attn", "norm1", "norm2", "linear1", "linear2")],
-        *bato,
-        ("bato_mask_conv", ("decoder.mask_output_conv",)),
-        ("bato_mask_norm", ("decoder.mask_output_conv.norm",)),
-    ]
+def is_official_dimaskdino(state: Mapping[str, Any]) -> bool:
+    """An official DI-MaskDINO state: it has the De-Imbalance module's tensors."""
+    return any(isinstance(k, str) and k.startswith(PR + "oldm.") for k in state)
 
 
-def predictor_entries(decoder) -> list[Entry]:
-    """All entries of an official-design ``DIMaskDINODecoder`` (or a ``MaskDINODecoder``)."""
-    entries = maskdino_entries(len(decoder.layers))
-    if getattr(decoder, "design", None) == "official":
-        entries += di_entries(len(decoder.ti_layers))
-    return entries
-
-
-def _match(key: str, entries: list[Entry]) -> tuple[str, tuple[str, ...], str] | None:
-    """The entry whose our-prefix is the longest one ``key`` starts with: (prefix, official prefixes, rest)."""
-    best = None
-    for ours, official in entries:
-        if key.startswith(ours + ".") and (best is None or len(ours) > len(best[0])):
-            best = (ours, official, key[len(ours):])
-    return best
-
-
-def to_official(ours: Mapping[str, torch.Tensor], entries: list[Entry]) -> dict[str, torch.Tensor]:
-    """Our decoder state (keys relative to the decoder) → official predictor state, every tied copy filled."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in ours.items():
-        m = _match(key, entries)
-        if m is None:
-            raise CheckpointError(f"decoder.{key}: no official DI-MaskDINO name (design 'official' has no such "
-                                  "tensor); build the decoder with MODEL.MaskDINO.DI_DESIGN official")
-        for official in m[1]:
-            out[official + m[2]] = value
-    return out
-
-
-def from_official(official: Mapping[str, torch.Tensor], entries: list[Entry], our_keys: list[str],
-                  source: str = "checkpoint") -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
-    """Official predictor state (keys relative to the predictor) → our decoder state for ``our_keys``.
-
-    Returns (our state, official names not used, our keys not filled). A tied copy that differs from the
-    tensor it copies is a ``CheckpointError`` naming both."""
-    state: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-    missing: list[str] = []
-    for key in our_keys:
-        m = _match(key, entries)
-        names = [o + m[2] for o in m[1]] if m else []
-        if not names or names[0] not in official:
-            missing.append(key)
-            continue
-        value = official[names[0]]
-        for copy in names[1:]:
-            if copy in official:
-                if official[copy].shape != value.shape or not torch.equal(official[copy], value):
-                    raise CheckpointError(f"{source}: {OFFICIAL_PREFIX}{copy} differs from "
-                                          f"{OFFICIAL_PREFIX}{names[0]}, of which it should be a tied copy; the "
-                                          "file was edited or is not an official DI-MaskDINO checkpoint")
-                used.add(copy)
-        used.add(names[0])
-        state[key] = value
-    unused = sorted(k for k in official if k not in used)
-    return state, unused, missing
+register_official_map(is_official_dimaskdino, DIMASKDINO)
