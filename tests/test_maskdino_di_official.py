@@ -3,8 +3,9 @@
 Fixtures (made once from the official CQU-ADHRI-Lab/DI-MaskDINO decoder on CPU, with a throwaway detectron2
 shim; the reference hard-codes 256-wide sine embeddings, which the harness made ``hidden_dim``-wide):
 
-* ``official_di_predictor_{r50,convnext_medical}.json``: name → shape of every tensor of the official predictor
-  for DI-MaskDINO R50 (``dimaskdino_r50_4scale_bs16_50ep``) and the Hello2015 ConvNeXt-T medical config.
+* ``official_dimaskdino_{r50,convnext_medical}_names.json``: name → shape of every tensor of the official model
+  (pixel decoder, predictor; the Hello2015 ConvNeXt-T backbone) for DI-MaskDINO R50
+  (``dimaskdino_r50_4scale_bs16_50ep``) and the Hello2015 ConvNeXt-T medical config (20 classes).
 * ``official_di_decoder_tiny.pt``: a tiny seeded official decoder (32 wide, 2 TI and 2 decoder layers) in the
   official layout, its inputs and its De-Imbalance and BATO tensors on one unpadded image.
 """
@@ -20,7 +21,7 @@ from surgdino.config import load_config
 from surgdino.errors import CheckpointError, ConfigError
 from surgdino.modeling.maskdino import de_imbalance_official as official
 from surgdino.modeling.maskdino.de_imbalance import DIMaskDINODecoder
-from surgdino.modeling.maskdino.di_official_keys import DIMASKDINO, is_official_dimaskdino
+from surgdino.modeling.maskdino.di_official_keys import DIMASKDINO, DIMASKDINO_CONVNEXT
 from surgdino.modeling.maskdino.official_weights import PR, official_keymap
 
 FIX = Path(__file__).parent / "fixtures"
@@ -30,26 +31,32 @@ R50 = ["MODEL.MaskDINO.TRANSFORMER_DECODER_NAME", "DIMaskDINODecoder", "MODEL.Ma
        "MODEL.MaskDINO.NUM_OBJECT_QUERIES", "300", "MODEL.MaskDINO.FIRST_SELECTED_QUERIES", "600",
        "MODEL.MaskDINO.NUM_GUIDING_TOKENS", "50", "MODEL.MaskDINO.DIM_FEEDFORWARD", "2048",
        "MODEL.SEM_SEG_HEAD.TOTAL_NUM_FEATURE_LEVELS", "4"]
-MEDICAL = ["MODEL.MaskDINO.ARCHITECTURE", "official", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "20"]
+# the Hello2015 medical YAML's model: our packaged config with its levels (res3-res5 in the encoder), its FFN
+# widths, 20 classes and dropout 0.1
+MEDICAL = ["MODEL.MaskDINO.ARCHITECTURE", "official", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "20",
+           "MODEL.SEM_SEG_HEAD.NUM_FEATURE_LEVELS", "3",
+           "MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES", "['res3', 'res4', 'res5']",
+           "MODEL.SEM_SEG_HEAD.DIM_FEEDFORWARD", "2048", "MODEL.MaskDINO.DROPOUT", "0.1"]
 
 
 def _official_state(name: str) -> dict[str, torch.Tensor]:
-    """Random tensors with the official names and shapes (``sem_seg_head.predictor.*``); tied copies share one
-    tensor, as in the checkpoint."""
-    shapes = json.loads((FIX / f"official_di_predictor_{name}.json").read_text())
+    """Random tensors with the official names and shapes of the whole model; tied copies share one tensor, as
+    in the checkpoint. (The R50's backbone names are added by the test: detectron2's layout is ours.)"""
+    shapes = json.loads((FIX / f"official_dimaskdino_{name}_names.json").read_text())
     g = torch.Generator().manual_seed(0)
-    by_shape_group: dict[str, torch.Tensor] = {}
+    by_group: dict[str, torch.Tensor] = {}
     state = {}
     for k, shape in shapes.items():
         tied = _tied_group(k)
-        if tied not in by_shape_group:
-            by_shape_group[tied] = torch.randn(shape, generator=g)
-        state[PR + k] = by_shape_group[tied]
+        if tied not in by_group:
+            by_group[tied] = torch.randn(shape, generator=g)
+        state[k] = by_group[tied]
     return state
 
 
 def _tied_group(k: str) -> str:
     """The canonical name of ``k`` among the official tied copies (read from the reference code)."""
+    k = k[len(PR):] if k.startswith(PR) else k
     for a, b in [("decoder.query_guide_feature_update.", "query_guide_feature_update."),
                  ("decoder.class_embed.", "class_embed."), ("oldm.class_embed.", "class_embed."),
                  ("decoder.mask_embed.", "mask_embed."), ("decoder.norm.", "decoder_norm."), ("oldm.norm.", "oldm_norm.")]:
@@ -67,25 +74,33 @@ def _decoder(opts, config=None) -> DIMaskDINODecoder:
     return DIMaskDINODecoder(**DIMaskDINODecoder.from_config(cfg))
 
 
-@pytest.mark.parametrize("name,config,opts", [("r50", None, R50),
-                                              ("convnext_medical", "surgdino://dimaskdino_convnext_tiny_medical_instruments.yaml",
-                                               MEDICAL)])
-def test_official_predictor_loads_every_tensor_and_round_trips(name, config, opts):
-    dec = _decoder(opts, config)
-    assert dec.design == "official" and dec.official  # ARCHITECTURE official selects the official DI design
+@pytest.mark.parametrize("name,config,opts", [
+    ("r50", None, R50 + ["MODEL.BACKBONE.NAME", "build_resnet_backbone", "MODEL.RESNETS.DEPTH", "50",
+                         "MODEL.SEM_SEG_HEAD.DIM_FEEDFORWARD", "2048"]),
+    ("convnext_medical", "surgdino://dimaskdino_convnext_tiny_medical_instruments.yaml", MEDICAL)])
+def test_official_checkpoint_loads_every_tensor_and_round_trips(name, config, opts):
+    """The whole model: backbone, pixel decoder (offarch's map) and the DI-MaskDINO predictor (ours)."""
+    from surgdino.modeling import build_model
+
+    torch.manual_seed(0)
+    model = build_model(load_config(config, opts))
+    assert model.decoder.design == "official" and model.decoder.official  # ARCHITECTURE official selects both
+    model_state = {k: v for k, v in model.state_dict().items() if not k.startswith("criterion.")}
     state = _official_state(name)
-    assert official_keymap(state) is DIMASKDINO and is_official_dimaskdino(state)
-    ours, report = DIMASKDINO.to_ours(state, "x.pth")
-    model_state = {"decoder." + k: v for k, v in dec.state_dict().items()}
+    if name == "r50":
+        state.update({k: torch.randn(v.shape) for k, v in model_state.items() if k.startswith("backbone.")})
+    keymap = official_keymap(state)
+    assert keymap is (DIMASKDINO if name == "r50" else DIMASKDINO_CONVNEXT)
+    ours, report = keymap.to_ours(state, "x.pth")
     assert report.unused == [] and report.unfilled(model_state) == []
-    dec.load_state_dict({k[len("decoder."):]: v for k, v in ours.items()}, strict=True)
-    back = DIMASKDINO.to_official({"decoder." + k: v for k, v in dec.state_dict().items()})
+    model.load_state_dict(ours, strict=False)
+    back = keymap.to_official(model_state)
     assert sorted(back) == sorted(state)
     assert all(torch.equal(back[k], state[k]) for k in state)
 
 
 def test_tied_copy_that_differs_is_an_error():
-    state = dict(_official_state("r50"))
+    state = _official_state("r50")
     for name in (PR + "oldm.bbox_embed.1.layers.0.weight", PR + "decoder.query_guide_feature_update.norm1.bias"):
         edited = dict(state, **{name: state[name] + 1})
         with pytest.raises(CheckpointError, match=re.escape(name) + " should be a tied copy of"):

@@ -24,7 +24,15 @@ from typing import Any
 
 import torch
 
-from surgdino.modeling.maskdino.official_weights import MASKDINO, PR, KeyMap, Rule, Tie, register_official_map
+from surgdino.modeling.maskdino.official_weights import (
+    MASKDINO,
+    PD,
+    PR,
+    KeyMap,
+    Rule,
+    Tie,
+    register_official_map,
+)
 
 _TI_TIES = (("oldm_bbox_embed.{t}.{x*}", "_oldm_bbox_embed."), ("oldm.bbox_embed.{t}.{x*}", "_oldm_bbox_embed."))
 
@@ -45,7 +53,18 @@ class DIKeyMap(KeyMap):
         return out
 
 
+def _low2high_input_proj(state: Mapping[str, Any], to_official: bool) -> dict[str, str]:
+    """Writing back: DI-MaskDINO's configs (R50, Hello2015) use FEATURE_ORDER low2high, whose official
+    ``input_proj.i`` of the backbone levels are fine first, as ours (MaskDINO's map assumes high2low). Reading
+    is left to MaskDINO's map, which tells the order from the channels."""
+    if not to_official:
+        return {}
+    return {k: PD + k[len("pixel_decoder."):].replace(".conv.", ".0.", 1)
+            .replace(".norm.", ".1.", 1) for k in state if re.match(r"pixel_decoder\.input_proj\.\d+\.", k)}
+
+
 _base = MASKDINO.extended(
+    indexed=_low2high_input_proj,
     rules=[
         Rule(PR + "oldm.layers.{i}.{x*}", "decoder.ti_layers.{i}.{x*}"),
         Rule(PR + "oldm.ref_point_head.{x*}", "decoder.ti_ref_point_head.{x*}"),
@@ -74,3 +93,26 @@ def is_official_dimaskdino(state: Mapping[str, Any]) -> bool:
 
 
 register_official_map(is_official_dimaskdino, DIMASKDINO)
+
+# Hello2015/DI-MaskDINO's D2ConvNeXt keeps the official ConvNeXt names (``downsample_layers.N``, ``stages.N.M``,
+# ``dwconv``/``pwconv1``/``pwconv2``, out norms ``normN``); ours are timm's (``stem``, ``stages.N.downsample``,
+# ``stages.N.blocks.M``, ``conv_dw``/``mlp.fc1``/``mlp.fc2``). The same renames as ``convnext.to_surgdino_convnext``.
+_b = "backbone."
+_convnext = DIMASKDINO.extended(rules=[
+    Rule(_b + "downsample_layers.0.{x*}", _b + "stem.{x*}"),
+    Rule(_b + "downsample_layers.{i}.{x*}", _b + "stages.{i}.downsample.{x*}"),
+    Rule(_b + "stages.{i}.{j}.dwconv.{p}", _b + "stages.{i}.blocks.{j}.conv_dw.{p}"),
+    Rule(_b + "stages.{i}.{j}.pwconv1.{p}", _b + "stages.{i}.blocks.{j}.mlp.fc1.{p}"),
+    Rule(_b + "stages.{i}.{j}.pwconv2.{p}", _b + "stages.{i}.blocks.{j}.mlp.fc2.{p}"),
+    Rule(_b + "stages.{i}.{j}.{x*}", _b + "stages.{i}.blocks.{j}.{x*}"),
+])
+DIMASKDINO_CONVNEXT = DIKeyMap(**{f.name: getattr(_convnext, f.name) for f in dataclasses.fields(KeyMap)})
+
+
+def is_official_dimaskdino_convnext(state: Mapping[str, Any]) -> bool:
+    """An official DI-MaskDINO state with the official ConvNeXt backbone names (the Hello2015 fork)."""
+    return is_official_dimaskdino(state) and any(isinstance(k, str) and k.startswith(_b + "downsample_layers.")
+                                                 for k in state)
+
+
+register_official_map(is_official_dimaskdino_convnext, DIMASKDINO_CONVNEXT)
