@@ -164,10 +164,11 @@ def load_weights(model: nn.Module, path: str, *, prefer_ema: bool = True) -> dic
     unexpected = sorted(set(state) - set(own))
     missing = sorted(set(own) - set(ok))
     logger.info("loaded %d/%d tensors from %s", len(ok), len(own), path)
-    for line in mismatched:
-        logger.info("skipped (shape mismatch) %s", line)
+    if mismatched:  # one line: a 500-class model over an 80-class checkpoint skips only its class-sized tensors
+        logger.info("skipped (shape mismatch, kept initialised) %s", "; ".join(mismatched))
     if missing:
-        logger.info("not in checkpoint (kept initialised): %s", _short(missing))
+        logger.info("not in checkpoint (kept initialised): %s",
+                    _short([f"{k} {list(own[k].shape)}" for k in missing], n=50))
     if unexpected:
         logger.info("in checkpoint but not in the model (ignored): %s", _short(unexpected))
     return {k: v for k, v in obj.items() if k not in ("model", "optimizer", "scheduler", "scaler", "ema")}

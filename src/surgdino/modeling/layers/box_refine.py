@@ -15,6 +15,8 @@ channels. Denoising queries enter ``refine`` as extra leading queries with their
 * ``run_layer(i, layer, hs, query_pos, ref_input, inputs, attn_mask)`` → the layer call (GroundingDINO
   passes its text memory, a subclass field of ``DecoderInputs``);
 * ``box_delta(i, hs)`` → unsigmoided box update (per-layer box heads override it);
+* ``layer_output(hs)`` → what ``predict`` gets from a layer (default ``hs``; MaskDINO's code passes the normed
+  queries, which its heads norm again);
 * ``reference_delta(i, hs, delta)`` → the update of the next layer's reference boxes (default ``delta``; DINO's
   and MaskDINO's code apply the box head to the un-normed queries there, ``MaskDINODecoder(official=True)``).
 
@@ -128,6 +130,9 @@ class BoxRefinementDecoder(nn.Module):
     def reference_delta(self, i: int, hs: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return delta
 
+    def layer_output(self, hs: torch.Tensor) -> torch.Tensor:
+        return hs
+
     def refine(self, tgt: torch.Tensor, ref_unsig: torch.Tensor, inputs: DecoderInputs,
                attn_mask: torch.Tensor | None = None, selection: QuerySelection | None = None) -> list[dict]:
         """``tgt [B, N, D]`` queries with boxes ``ref_unsig [B, N, 4]``; ``attn_mask [N, N]`` True = blocked."""
@@ -144,6 +149,6 @@ class BoxRefinementDecoder(nn.Module):
             delta = self.box_delta(i, hs)
             box = (delta + inverse_sigmoid(prev)).sigmoid()  # look forward twice: grads reach the previous layer
             local = (self.reference_delta(i, hs, delta) + inverse_sigmoid(ref_sig.detach())).sigmoid()
-            preds.append(self.predict(hs, box, inputs))
+            preds.append(self.predict(self.layer_output(hs), box, inputs))
             prev, ref_sig = local, local.detach()
         return preds

@@ -5,8 +5,9 @@ class/mask/box heads.
 DI-MaskDINO overrides ``select_queries`` (De-Imbalance) and ``layer_inputs`` (BATO).
 
 ``official=True`` (``MODEL.MaskDINO.ARCHITECTURE official``) computes as IDEA-Research/MaskDINO's decoder: it
-reads the encoder's levels in reverse order, updates reference boxes from the un-normed queries (outputs from
-the normed ones), lets out-of-image tokens compete in the selection, sizes proposals by level position, and
+reads the encoder's levels in reverse order, updates reference boxes from the un-normed queries (output boxes
+from the normed ones), applies the class and mask heads of decoder layers to twice-normed queries (its decoder
+returns normed queries and its heads norm them again; the initial prediction is normed once), lets out-of-image tokens compete in the selection, sizes proposals by level position, and
 ``mask2box`` is its DETR box (right/bottom inclusive, an empty mask gives an inverted box).
 """
 
@@ -90,6 +91,9 @@ class MaskDINODecoder(BoxRefinementDecoder):
 
     def reference_delta(self, i: int, hs: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return self.bbox_embed(hs) if self.official else delta
+
+    def layer_output(self, hs: torch.Tensor) -> torch.Tensor:
+        return self.decoder_norm(hs) if self.official else hs
 
     # ---- query selection ----
     @torch.no_grad()

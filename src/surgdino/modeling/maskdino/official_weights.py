@@ -15,8 +15,9 @@ The framework (``KeyMap``), for MaskDINO here and extended for DI-MaskDINO:
   every copy equals its canonical tensor (a differing copy is an error, never silently one of them) and drops
   it; ``to_official`` writes the copies back (``{j}`` runs over the decoder layers).
 * ``ignored``: official tensors with no meaning here, with the reason (loss buffers recomputed from config).
-* ``indexed(state, to_official)``: renames whose index depends on the layout (input projections, FPN
-  convolutions), computed from the tensors' shapes; ``None`` when the map has none.
+* ``indexed(state, to_official, **options)``: renames whose index depends on the layout (input projections, FPN
+  convolutions), computed from the tensors' shapes (official → ours) or from ``options`` (ours → official:
+  ``feature_order``, the official FEATURE_ORDER, default high2low); ``None`` when the map has none.
 
 ``KeyMap.extended(rules=..., ties=..., ignored=...)`` returns a new map with more entries tried first, so
 DI-MaskDINO's map is ``MASKDINO.extended(rules=[Rule("sem_seg_head.predictor.oldm.{x*}", "decoder.ti.{x*}")])``
@@ -106,7 +107,7 @@ class OfficialReport:
         return out
 
 
-IndexedRenames = Callable[[Mapping[str, Any], bool], "dict[str, str]"]
+IndexedRenames = Callable[..., "dict[str, str]"]  # (state, to_official, **options) → {name: new name}
 
 
 @dataclass(frozen=True)
@@ -123,8 +124,8 @@ class KeyMap:
         """A map with ``rules``/``ties``/``ignored`` tried before this one's; ``indexed`` adds renames."""
         base = self.indexed
         if indexed is not None and base is not None:
-            def both(state: Mapping[str, Any], to_official: bool) -> dict[str, str]:
-                return {**base(state, to_official), **indexed(state, to_official)}
+            def both(state: Mapping[str, Any], to_official: bool, **options: Any) -> dict[str, str]:
+                return {**base(state, to_official, **options), **indexed(state, to_official, **options)}
             merged: IndexedRenames | None = both
         else:
             merged = indexed or base
@@ -173,9 +174,10 @@ class KeyMap:
                 report.converted[new] = t
         return dict(report.converted), report
 
-    def to_official(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Our names → the official ones, tied copies written back (one per decoder layer)."""
-        fixed = self.indexed(state, True) if self.indexed else {}
+    def to_official(self, state: Mapping[str, torch.Tensor], **options: Any) -> dict[str, torch.Tensor]:
+        """Our names → the official ones, tied copies written back (one per decoder layer); ``options`` go to
+        ``indexed`` (MaskDINO: ``feature_order``, the model's official FEATURE_ORDER, default high2low)."""
+        fixed = self.indexed(state, True, **options) if self.indexed else {}
         out: dict[str, torch.Tensor] = {}
         unmapped = []
         for k, t in state.items():
@@ -199,7 +201,7 @@ class KeyMap:
         return out
 
 
-def _maskdino_indexed(state: Mapping[str, Any], to_official: bool) -> dict[str, str]:
+def _maskdino_indexed(state: Mapping[str, Any], to_official: bool, feature_order: str = "high2low") -> dict[str, str]:
     """Input projections and FPN convolutions, whose indices depend on the level count and order.
 
     Official ``input_proj.i`` (``i < n``: 1×1 projections of the encoder's backbone levels, coarse first when
@@ -209,9 +211,7 @@ def _maskdino_indexed(state: Mapping[str, Any], to_official: bool) -> dict[str, 
     out: dict[str, str] = {}
     if to_official:
         n = len({m.group(1) for k in state if (m := re.match(r"pixel_decoder\.input_proj\.(\d+)\.", k))})
-        ch = [tuple(state[f"pixel_decoder.input_proj.{k}.conv.weight"].shape)[1] for k in range(n)
-              if f"pixel_decoder.input_proj.{k}.conv.weight" in state]
-        coarse_first = True  # MaskDINO's default order (high2low); convert back the official R50/Swin layouts
+        coarse_first = feature_order == "high2low"  # the official encoder then sees (and projects) coarse first
         nl = len({m.group(1) for k in state if (m := re.match(r"pixel_decoder\.lateral\.(\d+)\.", k))})
         for k in state:
             m = re.match(r"pixel_decoder\.(input_proj|extra_proj|lateral|output)\.(\d+)\.(conv|norm)\.(.+)$", k)
@@ -220,7 +220,7 @@ def _maskdino_indexed(state: Mapping[str, Any], to_official: bool) -> dict[str, 
             kind, idx, part, param = m.group(1), int(m.group(2)), m.group(3), m.group(4)
             sub = "0" if part == "conv" else "1"
             if kind == "input_proj":
-                i = (n - 1 - idx) if coarse_first and len(ch) == n else idx
+                i = (n - 1 - idx) if coarse_first else idx
                 out[k] = f"{PD}input_proj.{i}.{sub}.{param}"
             elif kind == "extra_proj":
                 out[k] = f"{PD}input_proj.{n + idx}.{sub}.{param}"
