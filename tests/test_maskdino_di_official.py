@@ -7,7 +7,8 @@ shim; the reference hard-codes 256-wide sine embeddings, which the harness made 
   (pixel decoder, predictor; the Hello2015 ConvNeXt-T backbone) for DI-MaskDINO R50
   (``dimaskdino_r50_4scale_bs16_50ep``) and the Hello2015 ConvNeXt-T medical config (20 classes).
 * ``official_di_decoder_tiny.pt``: a tiny seeded official decoder (32 wide, 2 TI and 2 decoder layers) in the
-  official layout, its inputs and its De-Imbalance and BATO tensors on one unpadded image.
+  official layout, its inputs (the pixel decoder's levels and mask features), its De-Imbalance and BATO tensors
+  and its outputs on one unpadded 64x64 image.
 """
 
 import json
@@ -94,7 +95,7 @@ def test_official_checkpoint_loads_every_tensor_and_round_trips(name, config, op
     ours, report = keymap.to_ours(state, "x.pth")
     assert report.unused == [] and report.unfilled(model_state) == []
     model.load_state_dict(ours, strict=False)
-    back = keymap.to_official(model_state)
+    back = keymap.to_official(model_state, feature_order="low2high")  # both DI-MaskDINO configs' order
     assert sorted(back) == sorted(state)
     assert all(torch.equal(back[k], state[k]) for k in state)
 
@@ -107,10 +108,10 @@ def test_tied_copy_that_differs_is_an_error():
             DIMASKDINO.to_ours(edited, "x.pth")
 
 
-def _tiny(fx) -> tuple[DIMaskDINODecoder, object]:
+def _tiny(fx, official: bool = False) -> tuple[DIMaskDINODecoder, object]:
     dec = DIMaskDINODecoder(num_classes=4, hidden_dim=32, num_queries=10, nheads=4, dim_feedforward=32, dec_layers=2,
                             mask_dim=32, num_feature_levels=3, first_selected_queries=20, num_guiding_tokens=4,
-                            ti_layers=2, bato_dim_feedforward=32, design="official").eval()
+                            ti_layers=2, bato_dim_feedforward=32, design="official", official=official).eval()
     ours, report = DIMASKDINO.to_ours({PR + k: v for k, v in fx["weights"].items()}, "fixture")
     assert report.unused == [] and report.unfilled({"decoder." + k: v for k, v in dec.state_dict().items()}) == []
     dec.load_state_dict({k[len("decoder."):]: v for k, v in ours.items()}, strict=True)
@@ -141,6 +142,23 @@ def test_de_imbalance_and_bato_equal_the_reference():
         new = official.bato_update(dec, inputs, fx["hs0"], fx["qpos1"])
         _close(new.memory, fx["bato_memory"])
         _close(new.mask_features, fx["bato_mask_features"])
+
+
+def test_whole_official_decoder_equals_the_reference():
+    """MaskDINO's official decoder parts (``official=True``) with the official DI parts: every layer's class
+    logits, boxes and masks (layers >= 1 on BATO's updated mask features) and the encoder outputs."""
+    fx = torch.load(FIX / "official_di_decoder_tiny.pt", weights_only=True)
+    dec, _ = _tiny(fx, official=True)
+    masks = [torch.zeros(1, *lv.shape[-2:], dtype=torch.bool) for lv in fx["levels"]]
+    with torch.no_grad():
+        out = dec(fx["levels"], masks, fx["mask_features"], torch.tensor([[64, 64]]), (64, 64))
+    _close(out["interm_outputs"]["pred_logits"], fx["interm_logits"])
+    _close(out["interm_outputs"]["pred_boxes"], fx["interm_boxes"])
+    _close(torch.stack([a["pred_logits"] for a in out["aux_outputs"]]), fx["aux_logits"])
+    _close(torch.stack([a["pred_boxes"] for a in out["aux_outputs"]]), fx["aux_boxes"])
+    _close(out["pred_logits"], fx["pred_logits"])
+    _close(out["pred_boxes"], fx["pred_boxes"])
+    _close(torch.einsum("bqd,bdhw->bqhw", out["pred_embeds"], out["mask_features"]), fx["pred_masks"])
 
 
 def test_swapped_norms_are_caught_by_the_outputs():

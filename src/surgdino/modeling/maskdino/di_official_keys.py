@@ -26,7 +26,6 @@ import torch
 
 from surgdino.modeling.maskdino.official_weights import (
     MASKDINO,
-    PD,
     PR,
     KeyMap,
     Rule,
@@ -41,9 +40,11 @@ _TI_TIES = (("oldm_bbox_embed.{t}.{x*}", "_oldm_bbox_embed."), ("oldm.bbox_embed
 class DIKeyMap(KeyMap):
     """``KeyMap`` whose ``to_official`` also writes the per-TI-layer copies of the TI box head."""
 
-    def to_official(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def to_official(self, state: Mapping[str, torch.Tensor], **options: Any) -> dict[str, torch.Tensor]:
+        """``KeyMap.to_official`` (``options``: ``feature_order``; DI-MaskDINO's configs use low2high), then the
+        TI box head's copies, one per TI layer."""
         per_layer = dataclasses.replace(self, ties=tuple(t for t in self.ties if "{t}" not in t.copy))
-        out = KeyMap.to_official(per_layer, state)
+        out = KeyMap.to_official(per_layer, state, **options)
         n_ti = len({m.group(1) for k in state if (m := re.match(r"decoder\.ti_layers\.(\d+)\.", k))})
         for k in [k for k in out if k.startswith(PR + "_oldm_bbox_embed.")]:
             rest = k[len(PR + "_oldm_bbox_embed."):]
@@ -53,18 +54,7 @@ class DIKeyMap(KeyMap):
         return out
 
 
-def _low2high_input_proj(state: Mapping[str, Any], to_official: bool) -> dict[str, str]:
-    """Writing back: DI-MaskDINO's configs (R50, Hello2015) use FEATURE_ORDER low2high, whose official
-    ``input_proj.i`` of the backbone levels are fine first, as ours (MaskDINO's map assumes high2low). Reading
-    is left to MaskDINO's map, which tells the order from the channels."""
-    if not to_official:
-        return {}
-    return {k: PD + k[len("pixel_decoder."):].replace(".conv.", ".0.", 1)
-            .replace(".norm.", ".1.", 1) for k in state if re.match(r"pixel_decoder\.input_proj\.\d+\.", k)}
-
-
 _base = MASKDINO.extended(
-    indexed=_low2high_input_proj,
     rules=[
         Rule(PR + "oldm.layers.{i}.{x*}", "decoder.ti_layers.{i}.{x*}"),
         Rule(PR + "oldm.ref_point_head.{x*}", "decoder.ti_ref_point_head.{x*}"),
