@@ -44,7 +44,7 @@ class DIMaskDINODecoder(MaskDINODecoder):
     """MaskDINO's decoder with a different selection (``select_queries``, De-Imbalance: first selection →
     token interaction → second selection) and a per-layer memory update (``layer_inputs``, BATO).
 
-    Choices (and where they differ from the reference code):
+    Choices of our design (``design = "surgdino"``) and where they differ from the reference code:
 
     * Box refinement of the token-interaction (TI) outputs applies each layer's predicted delta ONCE:
       ``box_l = sigmoid(delta_l + inverse_sigmoid(box_{l-1}))``. The reference adds the delta a second time
@@ -72,16 +72,6 @@ class DIMaskDINODecoder(MaskDINODecoder):
                  bato_dim_feedforward: int = 1024, design: str = "surgdino", **kwargs):
         if design not in ("surgdino", "official"):
             raise ConfigError(f"MODEL.MaskDINO.DI_DESIGN = {design!r} must be 'surgdino' or 'official'")
-        if design == "official":
-            super().__init__(**kwargs)
-            self.design = design
-            self.first_selected_queries = max(first_selected_queries, self.num_queries)
-            self.num_guiding_tokens = num_guiding_tokens
-            official.build_parts(self, ti_layers=ti_layers, bato_dim_feedforward=bato_dim_feedforward,
-                                 nheads=kwargs.get("nheads", 8), dropout=kwargs.get("dropout", 0.0),
-                                 dim_feedforward=kwargs.get("dim_feedforward", 2048),
-                                 mask_dim=kwargs.get("mask_dim", 256))
-            return
         super().__init__(**kwargs)
         self.design = design
         d = self.hidden_dim
@@ -89,6 +79,11 @@ class DIMaskDINODecoder(MaskDINODecoder):
         mask_dim = kwargs.get("mask_dim", 256)
         self.first_selected_queries = max(first_selected_queries, self.num_queries)
         self.num_guiding_tokens = num_guiding_tokens
+        if design == "official":
+            official.build_parts(self, ti_layers=ti_layers, bato_dim_feedforward=bato_dim_feedforward, nheads=nheads,
+                                 dropout=dropout, dim_feedforward=kwargs.get("dim_feedforward", 2048),
+                                 mask_dim=mask_dim)
+            return
         self.ti_layers = nn.ModuleList(TokenInteractionLayer(d, kwargs.get("dim_feedforward", 2048), dropout, nheads)
                                        for _ in range(ti_layers))
         if ti_layers:
