@@ -6,8 +6,10 @@ statistics from the unpadded region only, and convolutions see zeros beyond the 
 gives the same features alone or padded inside a batch.
 
 ``official=True`` computes as IDEA-Research/MaskDINO's ``MaskDINOEncoder`` (``MODEL.MaskDINO.ARCHITECTURE
-official``): input projections with a conv bias and, for a fine-first encoder, its extra levels appended
-coarsest first (its order with more than one extra level). Padding is then ignored by the meta-architecture.
+official``): input projections with a conv bias; for a fine-first encoder, its extra levels appended coarsest
+first; with more than one extra level, their position embeddings in creation order whatever the levels' order
+(its code reverses the extra levels but not their positions); at least one FPN level (with res2 in the encoder,
+res2 is fused again, as ``adapter_1``). Padding is then ignored by the meta-architecture.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ class MaskDINOEncoder(DeformableEncoder):
         # FPN fusion: backbone levels finer than the finest encoder level, down to common_stride
         finest = input_shape[enc[0]].stride
         self.fpn_features = [f for f in by_stride if common_stride <= input_shape[f].stride < finest][::-1]
+        if official and not self.fpn_features:  # MaskDINO fuses at least one level (res2 even when encoded)
+            self.fpn_features = by_stride[:1]
         if finest > common_stride and not self.fpn_features:
             raise ValueError(f"no backbone level at stride {common_stride} for the mask features")
         self.lateral = nn.ModuleList(ConvNorm(input_shape[f].channels, conv_dim, 1, norm=norm) for f in self.fpn_features)
@@ -107,7 +111,13 @@ class MaskDINOEncoder(DeformableEncoder):
             srcs, masks = srcs + extra_srcs[::-1], masks + extra_masks[::-1]
         else:
             srcs, masks = srcs + extra_srcs, masks + extra_masks
-        src, levels = super().forward(srcs, masks)
+        pos_levels = None
+        if self.official and len(extra_srcs) > 1:  # MaskDINO's positions of the extra levels: creation order
+            n = len(srcs) - len(extra_srcs)
+            at = 0 if self.feature_order == "low2high" else n
+            pos_levels = list(zip(srcs, masks))
+            pos_levels[at:at + len(extra_srcs)] = list(zip(extra_srcs, extra_masks))
+        src, levels = super().forward(srcs, masks, pos_levels=pos_levels)
         outs = levels.unflatten(src)  # [B, D, Hl, Wl]
         shapes = levels.shapes
         finest = int(max(range(len(shapes)), key=lambda i: shapes[i][0] * shapes[i][1]))

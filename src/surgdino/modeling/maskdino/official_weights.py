@@ -23,11 +23,13 @@ The framework (``KeyMap``), for MaskDINO here and extended for DI-MaskDINO:
 DI-MaskDINO's map is ``MASKDINO.extended(rules=[Rule("sem_seg_head.predictor.oldm.{x*}", "decoder.ti.{x*}")])``
 and registers itself with ``register_official_map``. ``to_ours(state) → (ours, OfficialReport)``: the report
 lists every official tensor used by no rule (with its shape) and the ties checked; ``report.unfilled(model)``
-lists every model tensor the converted weights leave unfilled (with shapes).
+lists every model tensor the converted weights leave unfilled (with shapes). ``convert_official`` then hands the
+``backbone.*`` tensors to the backbones' registered converters (official Swin / ConvNeXt names → ours).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,7 +37,7 @@ from typing import Any
 
 import torch
 
-from surgdino.checkpoint_io import as_tensor, register_weight_converter, unwrap_state_dict
+from surgdino.checkpoint_io import as_tensor, convert_weights, register_weight_converter, unwrap_state_dict
 from surgdino.errors import CheckpointError
 from surgdino.log import get_logger
 
@@ -45,6 +47,7 @@ OFFICIAL_PREFIXES = ("sem_seg_head.pixel_decoder.", "sem_seg_head.predictor.")
 PD, PR = "sem_seg_head.pixel_decoder.", "sem_seg_head.predictor."
 
 
+@functools.cache
 def _compile(template: str) -> tuple[re.Pattern, str]:
     """``a.{i}.b.{p*}`` → a full-match regex with named groups and the ``str.format`` template."""
     out, pos = [], 0
@@ -308,6 +311,16 @@ def official_keymap(state: Mapping[str, Any]) -> KeyMap | None:
     return next((km for detect, km in _OFFICIAL_MAPS if detect(state)), None)
 
 
+def _backbone_layout(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``backbone.*`` through the backbones' registered converters (official Swin / ConvNeXt names → ours);
+    detectron2 ResNet names are ours already (no converter claims them)."""
+    backbone = {k: v for k, v in out.items() if k.startswith("backbone.")}
+    converted = convert_weights(backbone) if backbone else None
+    if converted is None:
+        return out
+    return {**{k: v for k, v in out.items() if not k.startswith("backbone.")}, **converted}
+
+
 def convert_official(obj: Mapping[str, Any], source: str = "state dict") -> tuple[dict[str, torch.Tensor], OfficialReport]:
     """An official MaskDINO / DI-MaskDINO checkpoint (any wrapper) → our names and the report."""
     state = unwrap_state_dict(obj)
@@ -315,7 +328,9 @@ def convert_official(obj: Mapping[str, Any], source: str = "state dict") -> tupl
     if km is None:
         raise CheckpointError(f"{source}: not an official MaskDINO checkpoint (no 'sem_seg_head.pixel_decoder.*' or "
                               "'sem_seg_head.predictor.*' tensors)")
-    return km.to_ours(state, source)
+    out, report = km.to_ours(state, source)
+    report.converted = _backbone_layout(out)
+    return dict(report.converted), report
 
 
 @register_weight_converter
@@ -324,9 +339,11 @@ def official_maskdino_as_model_weights(state: Mapping[str, Any]) -> dict[str, to
     the model must be built with ``MODEL.MaskDINO.ARCHITECTURE official`` for the official computation."""
     if not is_official_maskdino(state):
         return None
-    out, report = official_keymap(state).to_ours(state, "MODEL.WEIGHTS")
+    out, report = convert_official(state, "MODEL.WEIGHTS")
     for line in report.lines():
         (logger.warning if line.lstrip().startswith("unused") else logger.info)(line)
     if "pixel_decoder.input_proj.0.conv.bias" not in out:
         logger.warning("MODEL.WEIGHTS: official checkpoint without input-projection biases; is it MaskDINO's?")
+    logger.info("MODEL.WEIGHTS: official weights compute as the official model only with MODEL.MaskDINO.ARCHITECTURE "
+                "official (the surgdino architecture ignores the input-projection biases and orders levels otherwise)")
     return out
