@@ -91,9 +91,12 @@ d(m + "FIRST_SELECTED_QUERIES", 600, "int",
 d(m + "NUM_GUIDING_TOKENS", 50, "int",
   "BATO: after decoder layer 0 this many best-scoring queries (never denoising queries) guide an update of every encoder token (the memory of layers >= 1) and of the mask features (masks from layer 1 on); 0 = BATO off; needs DEC_LAYERS >= 2 (100 for trays).")
 d(m + "TI_LAYERS", 2, "int",
-  "DI: token-interaction layers between the two selections (self-attention with box positions, FFN, box refinement; each layer's box delta is applied once, the reference code adds it twice); 0 = the second selection takes the first's best (3 for trays).")
+  "DI: token-interaction layers between the two selections (self-attention with box positions, FFN, box refinement; with DI_DESIGN surgdino each layer's box delta is applied once, the reference code adds it twice); 0 = the second selection takes the first's best (3 for trays).")
 d(m + "TI_LOSS_WEIGHT", 1.0, "float",
   "DI: multiplier of the class and box losses on each token-interaction layer's outputs (loss_{ce,bbox,giou}_ti{i} = usual weight × this; own Hungarian matching on class and box costs); only when DEEP_SUPERVISION is on; 0 = off.")
+d(m + "DI_DESIGN", "", "str",
+  "DI-MaskDINO design; empty: official when MODEL.MaskDINO.ARCHITECTURE is official, else surgdino. surgdino (shared TI norm and box head, one TI box delta, box-derived BATO positions, zero-started GELU mask branch) or official (the reference's own TI norm and box head, delta applied twice, BATO with sine token positions, MaskDINO.DIM_FEEDFORWARD-wide FFN and Conv+GN+ReLU mask update: loads official checkpoints); see modeling/maskdino/de_imbalance_official.py.",
+  choices=["", "surgdino", "official"])
 d(m + "TEST.INSTANCE_ON", True, "bool", "Instance segmentation output; only True (the only task).")
 d(m + "TEST.SEMANTIC_ON", False, "bool", "Semantic output: not supported; must stay False.", choices=[False])
 d(m + "TEST.PANOPTIC_ON", False, "bool", "Panoptic output: not supported; must stay False.", choices=[False])

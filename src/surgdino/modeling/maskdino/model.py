@@ -20,6 +20,7 @@ from surgdino.modeling.backbone import build_backbone
 from surgdino.modeling.maskdino.criterion import SetCriterion
 from surgdino.modeling.maskdino.de_imbalance import DIMaskDINODecoder  # noqa: F401  (fills DECODER_REGISTRY)
 from surgdino.modeling.maskdino.decoder import MaskDINODecoder  # noqa: F401  (fills DECODER_REGISTRY)
+from surgdino.modeling.maskdino.di_official_keys import DIMASKDINO as _OFFICIAL_DI_MAP  # noqa: F401  (registers it)
 from surgdino.modeling.maskdino.matcher import HungarianMatcher
 from surgdino.modeling.maskdino.official_weights import MASKDINO as _OFFICIAL_MAP  # noqa: F401  (registers the converter)
 from surgdino.modeling.maskdino.postprocess import InstancePostProcessor
