@@ -25,10 +25,11 @@ import time
 
 import torch
 
-DECODERS = {"MaskDINO": "MaskDINODecoder", "DI-MaskDINO": "DIMaskDINODecoder"}
+DECODERS = {"MaskDINO": "MaskDINODecoder", "DI-MaskDINO": "DIMaskDINODecoder", "DI-official": "DIMaskDINODecoder"}
+DI_DESIGNS = {"DI-MaskDINO": "surgdino", "DI-official": "official"}  # our DI design and the reference's
 
 
-def _config(out_dir: str, data: str, decoder: str, args: argparse.Namespace):
+def _config(out_dir: str, data: str, name: str, args: argparse.Namespace):
     from surgdino.config import load_config
     from surgdino.config.core import merge_opts
     from surgdino.config.validate import validate
@@ -52,7 +53,8 @@ def _config(out_dir: str, data: str, decoder: str, args: argparse.Namespace):
         "DATASETS.TRAIN": ["quality_train"],
         "DATASETS.TEST": ["quality_val"],
         "MODEL.SEM_SEG_HEAD.NUM_CLASSES": args.num_classes,
-        "MODEL.MaskDINO.TRANSFORMER_DECODER_NAME": decoder,
+        "MODEL.MaskDINO.TRANSFORMER_DECODER_NAME": DECODERS[name],
+        "MODEL.MaskDINO.DI_DESIGN": DI_DESIGNS.get(name, ""),
         **schedule,
         "SOLVER.IMS_PER_BATCH": args.batch,
         "SOLVER.CHECKPOINT_PERIOD": 100000,
@@ -86,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="tray width in view (cm); smaller draws larger instruments")
     p.add_argument("--seed", type=int, default=0, help="data and training seed")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    p.add_argument("--models", nargs="+", default=list(DECODERS), choices=list(DECODERS))
+    p.add_argument("--models", nargs="+", default=["MaskDINO", "DI-MaskDINO"], choices=list(DECODERS),
+                   help="DI-official: DI-MaskDINO in the reference's design (MODEL.MaskDINO.DI_DESIGN official)")
     p.add_argument("--work-dir", default=None, help="where data and outputs go (default: a temporary folder)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides for both models, e.g. SOLVER.BASE_LR 1e-3")
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                                    progress=False)
     rows = {}
     for name in args.models:
-        cfg = _config(os.path.join(work, name), data, DECODERS[name], args)
+        cfg = _config(os.path.join(work, name), data, name, args)
         t0 = time.perf_counter()
         results = train_main(cfg)
         seconds = time.perf_counter() - t0
@@ -121,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in rows.items():
         s, b = r["segm"], r["bbox"]
         print(f"{name:<12} {r['seconds']:>12.0f} {s[0]:>8.1f} {s[1]:>6.1f} {s[2]:>6.1f} {b[0]:>7.1f} {b[1]:>6.1f} {b[2]:>6.1f}")
-    if len(rows) == 2:
-        base, di = rows["MaskDINO"], rows["DI-MaskDINO"]
+    if len(rows) == 2 and "MaskDINO" in rows:  # the DI variant over MaskDINO
+        base, di = rows["MaskDINO"], next(r for n, r in rows.items() if n != "MaskDINO")
 
         def ratio(a: float, b: float) -> str:
             return f"{a / b:.2f}" if b > 0 else "n/a"

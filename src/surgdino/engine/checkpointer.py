@@ -103,6 +103,9 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     naming the file if missing, unreadable or unsafe (``checkpoint_io.UnsafeCheckpointError``)."""
     if os.path.isdir(path):
         raise CheckpointError(f"{path} is a directory; give the checkpoint file inside it (e.g. model_final.pth)")
+    if re.match(r"^[a-z][a-z0-9+]*://", path):  # detectron2://, https:// ... (official configs name such URLs)
+        raise CheckpointError(f"MODEL.WEIGHTS {path} is a URL; SurgDINO downloads nothing: fetch the file yourself "
+                              "and give its path (or MODEL.WEIGHTS '' to start from random weights)")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}; check MODEL.WEIGHTS or the path given")
     try:
@@ -164,10 +167,11 @@ def load_weights(model: nn.Module, path: str, *, prefer_ema: bool = True) -> dic
     unexpected = sorted(set(state) - set(own))
     missing = sorted(set(own) - set(ok))
     logger.info("loaded %d/%d tensors from %s", len(ok), len(own), path)
-    for line in mismatched:
-        logger.info("skipped (shape mismatch) %s", line)
+    if mismatched:  # one line: a 500-class model over an 80-class checkpoint skips only its class-sized tensors
+        logger.info("skipped (shape mismatch, kept initialised) %s", "; ".join(mismatched))
     if missing:
-        logger.info("not in checkpoint (kept initialised): %s", _short(missing))
+        logger.info("not in checkpoint (kept initialised): %s",
+                    _short([f"{k} {list(own[k].shape)}" for k in missing], n=50))
     if unexpected:
         logger.info("in checkpoint but not in the model (ignored): %s", _short(unexpected))
     return {k: v for k, v in obj.items() if k not in ("model", "optimizer", "scheduler", "scaler", "ema")}

@@ -4,6 +4,12 @@ fusion with the stride-4 level into the mask features that every query's mask is
 Padding is honoured everywhere: deformable attention ignores padded tokens, group norms take their
 statistics from the unpadded region only, and convolutions see zeros beyond the image, so an image
 gives the same features alone or padded inside a batch.
+
+``official=True`` computes as IDEA-Research/MaskDINO's ``MaskDINOEncoder`` (``MODEL.MaskDINO.ARCHITECTURE
+official``): input projections with a conv bias; for a fine-first encoder, its extra levels appended coarsest
+first; with more than one extra level, their position embeddings in creation order whatever the levels' order
+(its code reverses the extra levels but not their positions); at least one FPN level (with res2 in the encoder,
+res2 is fused again, as ``adapter_1``). Padding is then ignored by the meta-architecture.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgdino.config.keys.maskdino import encoder_in_features
+from surgdino.config.keys.maskdino import encoder_in_features, encoder_level_order, is_official
 from surgdino.modeling.backbone.base import ShapeSpec
 from surgdino.modeling.layers.deformable_encoder import DeformableEncoder
 from surgdino.modeling.layers.masked_norm import ConvNorm
@@ -33,7 +39,8 @@ class MaskDINOEncoder(DeformableEncoder):
     def __init__(self, *, input_shape: dict[str, ShapeSpec], transformer_in_features: list[str],
                  conv_dim: int = 256, mask_dim: int = 256, norm: str = "GN", num_heads: int = 8,
                  n_points: int = 4, dim_feedforward: int = 1024, dropout: float = 0.0, enc_layers: int = 6,
-                 total_num_feature_levels: int = 4, common_stride: int = 4, feature_order: str = "low2high"):
+                 total_num_feature_levels: int = 4, common_stride: int = 4, feature_order: str = "low2high",
+                 official: bool = False):
         nn.Module.__init__(self)
         missing = [f for f in transformer_in_features if f not in input_shape]
         if missing:
@@ -46,11 +53,14 @@ class MaskDINOEncoder(DeformableEncoder):
             raise ValueError("total_num_feature_levels must be >= the number of encoder input features")
         self.feature_order = feature_order
         self.total_levels = total_num_feature_levels
-        self.input_proj = nn.ModuleList(ConvNorm(input_shape[f].channels, conv_dim, 1, norm=norm) for f in enc)
+        self.official = official
+        bias = True if official else None
+        self.input_proj = nn.ModuleList(ConvNorm(input_shape[f].channels, conv_dim, 1, norm=norm, bias=bias)
+                                        for f in enc)
         cin = input_shape[enc[-1]].channels
         extra = []
         for _ in range(self.num_extra):
-            extra.append(ConvNorm(cin, conv_dim, 3, stride=2, norm=norm))
+            extra.append(ConvNorm(cin, conv_dim, 3, stride=2, norm=norm, bias=bias))
             cin = conv_dim
         self.extra_proj = nn.ModuleList(extra)
         self.build_encoder(conv_dim, dim_feedforward, dropout, total_num_feature_levels, num_heads, n_points,
@@ -58,6 +68,8 @@ class MaskDINOEncoder(DeformableEncoder):
         # FPN fusion: backbone levels finer than the finest encoder level, down to common_stride
         finest = input_shape[enc[0]].stride
         self.fpn_features = [f for f in by_stride if common_stride <= input_shape[f].stride < finest][::-1]
+        if official and not self.fpn_features:  # MaskDINO fuses at least one level (res2 even when encoded)
+            self.fpn_features = by_stride[:1]
         if finest > common_stride and not self.fpn_features:
             raise ValueError(f"no backbone level at stride {common_stride} for the mask features")
         self.lateral = nn.ModuleList(ConvNorm(input_shape[f].channels, conv_dim, 1, norm=norm) for f in self.fpn_features)
@@ -76,7 +88,7 @@ class MaskDINOEncoder(DeformableEncoder):
             n_points=h.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS, dim_feedforward=h.DIM_FEEDFORWARD,
             dropout=cfg.MODEL.MaskDINO.DROPOUT, enc_layers=h.TRANSFORMER_ENC_LAYERS,
             total_num_feature_levels=h.TOTAL_NUM_FEATURE_LEVELS, common_stride=h.COMMON_STRIDE,
-            feature_order=h.FEATURE_ORDER)
+            feature_order=encoder_level_order(cfg), official=is_official(cfg))
 
     def forward(self, features: dict[str, torch.Tensor], pad_mask: torch.Tensor  # type: ignore[override]
                 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
@@ -88,13 +100,24 @@ class MaskDINOEncoder(DeformableEncoder):
             srcs.append(x)
             masks.append(m)
         x, m = features[self.enc_features[-1]], masks[-1]
+        extra_srcs, extra_masks = [], []
         for proj in self.extra_proj:
             x, m = proj(x, m)
-            srcs.append(x)
-            masks.append(m)
-        if self.feature_order == "low2high":  # coarse first, as MaskDINO
-            srcs, masks = srcs[::-1], masks[::-1]
-        src, levels = super().forward(srcs, masks)
+            extra_srcs.append(x)
+            extra_masks.append(m)
+        if self.feature_order == "low2high":  # coarse first
+            srcs, masks = (srcs + extra_srcs)[::-1], (masks + extra_masks)[::-1]
+        elif self.official:  # MaskDINO appends its extra levels coarsest first after the fine-first ones
+            srcs, masks = srcs + extra_srcs[::-1], masks + extra_masks[::-1]
+        else:
+            srcs, masks = srcs + extra_srcs, masks + extra_masks
+        pos_levels = None
+        if self.official and len(extra_srcs) > 1:  # MaskDINO's positions of the extra levels: creation order
+            n = len(srcs) - len(extra_srcs)
+            at = 0 if self.feature_order == "low2high" else n
+            pos_levels = list(zip(srcs, masks))
+            pos_levels[at:at + len(extra_srcs)] = list(zip(extra_srcs, extra_masks))
+        src, levels = super().forward(srcs, masks, pos_levels=pos_levels)
         outs = levels.unflatten(src)  # [B, D, Hl, Wl]
         shapes = levels.shapes
         finest = int(max(range(len(shapes)), key=lambda i: shapes[i][0] * shapes[i][1]))

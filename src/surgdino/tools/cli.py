@@ -7,7 +7,7 @@ import argparse
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert pretrained weights into SurgDINO / detectron2 format")
-    csub = p.add_subparsers(dest="convert_command", metavar="{convnext,groundingdino}")
+    csub = p.add_subparsers(dest="convert_command", metavar="{convnext,groundingdino,maskdino}")
     c = csub.add_parser(
         "convnext",
         help="ConvNeXt checkpoint (official ImageNet .pth, timm, ours) → backbone weights or detectron2 .pkl",
@@ -28,6 +28,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--source", required=True, metavar="PATH", help="transformers folder or IDEA .pth")
     g.add_argument("--output", required=True, metavar="FILE", help="output .pth")
     g.set_defaults(func=_groundingdino, folder_ok=("source",))
+    md = csub.add_parser(
+        "maskdino", help="official MaskDINO checkpoint (.pth / detectron2 .pkl) → SurgDINO weights, with a report",
+        description="Convert an official IDEA-Research/MaskDINO checkpoint into our names (decoder norms renumbered, "
+                    "tied copies checked and merged, input projections and FPN convolutions re-indexed) and list every "
+                    "official tensor not used; with --config-file also every model tensor left unfilled. Load the "
+                    "result (or the official file directly) with MODEL.MaskDINO.ARCHITECTURE official.")
+    md.add_argument("--source", required=True, metavar="FILE", help="official checkpoint (.pth, .pkl)")
+    md.add_argument("--output", required=True, metavar="FILE", help="output .pth")
+    md.add_argument("--config-file", default=None, metavar="FILE",
+                    help="also report the tensors of this config's model the checkpoint leaves unfilled")
+    md.add_argument("opts", nargs="*", default=[], metavar="KEY VALUE", help="config overrides for --config-file")
+    md.set_defaults(func=_maskdino)
     p.set_defaults(func=lambda a: p.print_help() or 2)
 
 
@@ -50,4 +62,20 @@ def _convnext(args: argparse.Namespace) -> int:
     print(f"wrote {info['output']} ({info['format']}): ConvNeXt depths {info['depths']} dims {info['dims']}, "
           f"{info['tensors']} tensors, {len(info['dropped'])} head keys dropped")
     print(f"use it with: MODEL.BACKBONE.NAME {name}{sizing} MODEL.WEIGHTS {info['output']}")
+    return 0
+
+
+def _maskdino(args: argparse.Namespace) -> int:
+    from surgdino.tools.convert_maskdino import convert_maskdino
+
+    model_state = None
+    if args.config_file or args.opts:
+        from surgdino.config import load_config
+        from surgdino.modeling import build_model
+
+        model_state = build_model(load_config(args.config_file, args.opts)).state_dict()
+    out, report, lines = convert_maskdino(args.source, args.output, model_state)
+    print("\n".join(lines))
+    print(f"wrote {out}: {len(report.converted)} tensors; use it with MODEL.MaskDINO.ARCHITECTURE official "
+          f"MODEL.WEIGHTS {out}")
     return 0

@@ -1,9 +1,12 @@
 """Keys of the backbone, pixel decoder (SEM_SEG_HEAD) and MaskDINO / DI-MaskDINO decoder."""
 
 from surgdino.config.core import declare as d
+from surgdino.log import get_logger
+
+logger = get_logger(__name__)
 
 d("MODEL.BACKBONE.NAME", "convnext", "str",
-  "Backbone from the registry: convnext (sized by MODEL.CONVNEXT), convnext_{atto,femto,pico,nano,tiny,small,base}, D2ConvNeXt (alias of convnext), surgeryclip.")
+  "Backbone from the registry: convnext (sized by MODEL.CONVNEXT), convnext_{atto,femto,pico,nano,tiny,small,base}, D2ConvNeXt (alias of convnext), build_resnet_backbone or resnet (detectron2 ResNet, MODEL.RESNETS), D2SwinTransformer (MaskDINO's Swin, MODEL.SWIN), swin_{tiny,small,base,large} (GroundingDINO Swin presets), surgeryclip.")
 d("MODEL.BACKBONE.FREEZE_AT", 0, "int", "Frozen backbone parts, counted as in detectron2: 0 = none, 1 = stem, 2 = stem + res2, 3 = + res3, 4 = + res4, 5 = stem and all four stages; frozen parts get no gradient and run in eval mode (no drop path); ConvNeXt output norms always train.")
 
 d("MODEL.CONVNEXT.DEPTHS", [3, 3, 9, 3], "list[int]", "Blocks per stage (Tiny [3,3,9,3]; Small and Base [3,3,27,3]).")
@@ -33,9 +36,14 @@ d(h + "NUM_FEATURE_LEVELS", 3, "int",
 d(h + "TOTAL_NUM_FEATURE_LEVELS", 4, "int", "Levels of the encoder: backbone levels plus extra stride-2 levels below the lowest resolution.")
 d(h + "TRANSFORMER_ENC_LAYERS", 6, "int", "Deformable encoder layers.")
 d(h + "COMMON_STRIDE", 4, "int", "Stride of the mask features (fused with the finest backbone level).")
-d(h + "FEATURE_ORDER", "low2high", "str", "Order of encoder levels: low2high (coarse first) or high2low.", choices=["low2high", "high2low"])
+d(h + "FEATURE_ORDER", "", "str",
+  "Order of the levels the decoder sees: low2high (coarse first) or high2low (fine first); the surgdino architecture's encoder sees the same order, the official one's the reverse (as MaskDINO's code). Empty: the architecture's default (surgdino low2high, official high2low, MaskDINO's default).",
+  choices=["", "low2high", "high2low"])
 
 m = "MODEL.MaskDINO."
+d(m + "ARCHITECTURE", "surgdino", "str",
+  "surgdino: our design (padding masks honoured, bias-free input projections, encoder and decoder see the levels in one order, invalid tokens never selected); official: IDEA-Research/MaskDINO's computation, so its checkpoints load unchanged and give its outputs (input-projection biases, reversed decoder level order, reference boxes from un-normed queries, no padding mask).",
+  choices=["surgdino", "official"])
 d(m + "TRANSFORMER_DECODER_NAME", "MaskDINODecoder", "str", "MaskDINODecoder, or DIMaskDINODecoder (De-Imbalance + BATO).",
   choices=["MaskDINODecoder", "DIMaskDINODecoder"])
 d(m + "DEEP_SUPERVISION", True, "bool", "Losses on every decoder layer (and on the token-interaction outputs with DI).")
@@ -83,9 +91,12 @@ d(m + "FIRST_SELECTED_QUERIES", 600, "int",
 d(m + "NUM_GUIDING_TOKENS", 50, "int",
   "BATO: after decoder layer 0 this many best-scoring queries (never denoising queries) guide an update of every encoder token (the memory of layers >= 1) and of the mask features (masks from layer 1 on); 0 = BATO off; needs DEC_LAYERS >= 2 (100 for trays).")
 d(m + "TI_LAYERS", 2, "int",
-  "DI: token-interaction layers between the two selections (self-attention with box positions, FFN, box refinement; each layer's box delta is applied once, the reference code adds it twice); 0 = the second selection takes the first's best (3 for trays).")
+  "DI: token-interaction layers between the two selections (self-attention with box positions, FFN, box refinement; with DI_DESIGN surgdino each layer's box delta is applied once, the reference code adds it twice); 0 = the second selection takes the first's best (3 for trays).")
 d(m + "TI_LOSS_WEIGHT", 1.0, "float",
   "DI: multiplier of the class and box losses on each token-interaction layer's outputs (loss_{ce,bbox,giou}_ti{i} = usual weight × this; own Hungarian matching on class and box costs); only when DEEP_SUPERVISION is on; 0 = off.")
+d(m + "DI_DESIGN", "", "str",
+  "DI-MaskDINO design; empty: official when MODEL.MaskDINO.ARCHITECTURE is official, else surgdino. surgdino (shared TI norm and box head, one TI box delta, box-derived BATO positions, zero-started GELU mask branch) or official (the reference's own TI norm and box head, delta applied twice, BATO with sine token positions, MaskDINO.DIM_FEEDFORWARD-wide FFN and Conv+GN+ReLU mask update: loads official checkpoints); see modeling/maskdino/de_imbalance_official.py.",
+  choices=["", "surgdino", "official"])
 d(m + "TEST.INSTANCE_ON", True, "bool", "Instance segmentation output; only True (the only task).")
 d(m + "TEST.SEMANTIC_ON", False, "bool", "Semantic output: not supported; must stay False.", choices=[False])
 d(m + "TEST.PANOPTIC_ON", False, "bool", "Panoptic output: not supported; must stay False.", choices=[False])
@@ -105,9 +116,30 @@ def encoder_in_features(cfg) -> list[str]:
     head = cfg.MODEL.SEM_SEG_HEAD
     n = head.NUM_FEATURE_LEVELS
     given = list(head.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES)
+    if cfg.get("MODEL.MaskDINO.ARCHITECTURE") == "official":  # official code: NUM_FEATURE_LEVELS has no effect
+        return given
     if given == _DEFAULT_ENC_IN and n != len(given) and 1 <= n <= 4:
         return _LEVELS[4 - n:]
     return given
+
+
+def is_official(cfg) -> bool:
+    """``MODEL.MaskDINO.ARCHITECTURE`` is ``official`` (IDEA-Research/MaskDINO's computation)."""
+    return cfg.MODEL.MaskDINO.ARCHITECTURE == "official"
+
+
+def decoder_level_order(cfg) -> str:
+    """``FEATURE_ORDER``, or the architecture's default when it is empty: the order the decoder sees."""
+    order = cfg.MODEL.SEM_SEG_HEAD.FEATURE_ORDER
+    return order or ("high2low" if is_official(cfg) else "low2high")
+
+
+def encoder_level_order(cfg) -> str:
+    """The order the pixel decoder's encoder sees: the decoder's, reversed by the official architecture."""
+    order = decoder_level_order(cfg)
+    if is_official(cfg):
+        return "high2low" if order == "low2high" else "low2high"
+    return order
 
 
 def check_feature_levels(cfg) -> None:
@@ -120,7 +152,10 @@ def check_feature_levels(cfg) -> None:
     if not 1 <= n <= 4:
         raise ConfigError(f"{p}NUM_FEATURE_LEVELS = {n} must be 1..4 (the last N of res2..res5)")
     feats = encoder_in_features(cfg)
-    if len(feats) != n:
+    if len(feats) != n and cfg.get("MODEL.MaskDINO.ARCHITECTURE") == "official":
+        logger.info("%sNUM_FEATURE_LEVELS = %d has no effect with the official architecture (as in MaskDINO's code): "
+                    "the encoder reads DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = %s", p, n, feats)
+    elif len(feats) != n:
         raise ConfigError(
             f"{p}NUM_FEATURE_LEVELS = {n} disagrees with {p}DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = {feats}; "
             f"set NUM_FEATURE_LEVELS to {len(feats)}, or the features to {_LEVELS[4 - n:]} (or leave them at "
@@ -160,13 +195,20 @@ _ONE_VALUE = {
 }
 
 
+# one-value keys that official configs set otherwise without effect on instance results (accepted there)
+_NO_EFFECT_OFFICIALLY = (m + "TEST.OBJECT_MASK_THRESHOLD",)
+
+
 def check_one_value_keys(cfg) -> None:
     """Keys kept for MaskDINO configs that select nothing: another value than the supported one is an error."""
     from surgdino.errors import ConfigError
 
+    official = cfg.get("MODEL.MaskDINO.ARCHITECTURE") == "official"
     for key, (value, why) in _ONE_VALUE.items():
         got = cfg.get(key)
-        if got != value:
+        if got != value and official and key in _NO_EFFECT_OFFICIALLY:
+            logger.info("%s = %r has no effect on instance segmentation, in MaskDINO's code as here (%s)", key, got, why)
+        elif got != value:
             raise ConfigError(f"{key} = {got!r} is not supported: only {value!r} ({why}); remove the key or set "
                               f"it to {value!r}")
 

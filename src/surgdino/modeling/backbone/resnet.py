@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from surgdino.checkpoint_io import register_weight_converter
 from surgdino.errors import CheckpointError, ConfigError
 from surgdino.log import get_logger
 from surgdino.modeling.backbone.base import Backbone, ShapeSpec
@@ -300,3 +301,21 @@ def load_resnet_weights(backbone: ResNetBackbone, path_or_state_dict: str | Mapp
     else:
         logger.info("%s: loaded ResNet-%d weights (%s layout, %d tensors)", source, backbone.depth, fmt, len(converted))
     return missing, unexpected
+
+
+@register_weight_converter
+def resnet_as_model_weights(state: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
+    """A bare ResNet checkpoint (torchvision ``resnet50``, detectron2 ``R-50.pkl``, MSRA Caffe2 names) as
+    full-model weights ``backbone.*`` (classifier dropped); None for anything else (full models included).
+    Registered in ``checkpoint_io`` so ``MODEL.WEIGHTS`` can point at such files."""
+    state = _unwrap(state)
+    if any(isinstance(k, str) and "." in k and k.split(".", 1)[0] in ("backbone", "sem_seg_head", "pixel_decoder",
+                                                                     "decoder") for k in state):
+        return None
+    if not ({"conv1.weight", "layer1.0.conv1.weight"} <= set(state) or "res2_0_branch2a_w" in state
+            or ("stem.conv1.weight" in state and "res2.0.conv1.weight" in state)):
+        return None
+    converted, dropped, fmt = to_surgdino_resnet(state)
+    logger.info("ResNet weights in the %s layout: %d tensors as backbone.*, %d dropped (e.g. %s)", fmt,
+                len(converted), len(dropped), dropped[:3])
+    return {f"backbone.{k}": v for k, v in converted.items()}

@@ -14,7 +14,15 @@ channels. Denoising queries enter ``refine`` as extra leading queries with their
   BATO returns updated memory and mask features from layer 1 on; the default returns ``inputs``);
 * ``run_layer(i, layer, hs, query_pos, ref_input, inputs, attn_mask)`` → the layer call (GroundingDINO
   passes its text memory, a subclass field of ``DecoderInputs``);
-* ``box_delta(i, hs)`` → unsigmoided box update (per-layer box heads override it).
+* ``box_delta(i, hs)`` → unsigmoided box update (per-layer box heads override it);
+* ``layer_output(hs)`` → what ``predict`` gets from a layer (default ``hs``; MaskDINO's code passes the normed
+  queries, which its heads norm again);
+* ``reference_delta(i, hs, delta)`` → the update of the next layer's reference boxes (default ``delta``; DINO's
+  and MaskDINO's code apply the box head to the un-normed queries there, ``MaskDINODecoder(official=True)``).
+
+Two-stage selection: ``select_invalid`` (default False) lets tokens whose proposal lies outside the image
+compete (scored on zeroed memory, boxes +inf before the sigmoid), as DINO's code does; ``proposals_by_position``
+sizes each level's proposals by its position in the memory (DINO's code) instead of by its resolution.
 """
 
 from __future__ import annotations
@@ -72,6 +80,8 @@ class BoxRefinementDecoder(nn.Module):
     enc_output: nn.Module
     enc_output_norm: nn.Module
     class_embed: nn.Module
+    select_invalid: bool = False
+    proposals_by_position: bool = False
 
     def predict(self, hs: torch.Tensor, boxes: torch.Tensor, inputs: DecoderInputs) -> dict:
         raise NotImplementedError
@@ -81,9 +91,9 @@ class BoxRefinementDecoder(nn.Module):
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per token a box prior (its cell, size by resolution) and the transformed memory; invalid → masked.
         Returns ``out_mem [B, S, D]``, unsigmoided priors ``[B, S, 4]`` and validity ``[B, S]``."""
-        props = encoder_proposals(memory_mask, shapes)  # [B, S, 4] float32
+        props = encoder_proposals(memory_mask, shapes, by_position=self.proposals_by_position)  # [B, S, 4] float32
         valid = ((props > 0.01) & (props < 0.99)).all(-1) & ~memory_mask
-        props = inverse_sigmoid(props).masked_fill(~valid[..., None], 0.0)
+        props = inverse_sigmoid(props).masked_fill(~valid[..., None], float("inf") if self.select_invalid else 0.0)
         out = self.enc_output_norm(self.enc_output(memory.masked_fill(~valid[..., None], 0.0)))
         return out, props, valid
 
@@ -96,7 +106,9 @@ class BoxRefinementDecoder(nn.Module):
         ``[B, K, 4]`` unsigmoided (encoder box head + proposal) and their validity ``[B, K]``."""
         out_mem, props, valid = self.proposals(inputs.memory, inputs.memory_mask, inputs.shapes)
         with torch.no_grad():  # scores only rank the tokens; the selected ones' outputs are recomputed below
-            scores = self.token_scores(out_mem, inputs).masked_fill(~valid, float("-inf"))  # [B, S]
+            scores = self.token_scores(out_mem, inputs)  # [B, S]
+            if not self.select_invalid:
+                scores = scores.masked_fill(~valid, float("-inf"))
         idx = scores.topk(min(k, scores.shape[1]), dim=1).indices  # [B, K]
         tgt = gather_tokens(out_mem, idx)  # [B, K, D]
         # box head on the selected tokens only (same values as on all S tokens, then gathered)
@@ -115,6 +127,12 @@ class BoxRefinementDecoder(nn.Module):
     def box_delta(self, i: int, hs: torch.Tensor) -> torch.Tensor:
         return self.bbox_embed(self.decoder_norm(hs))
 
+    def reference_delta(self, i: int, hs: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return delta
+
+    def layer_output(self, hs: torch.Tensor) -> torch.Tensor:
+        return hs
+
     def refine(self, tgt: torch.Tensor, ref_unsig: torch.Tensor, inputs: DecoderInputs,
                attn_mask: torch.Tensor | None = None, selection: QuerySelection | None = None) -> list[dict]:
         """``tgt [B, N, D]`` queries with boxes ``ref_unsig [B, N, 4]``; ``attn_mask [N, N]`` True = blocked."""
@@ -130,7 +148,7 @@ class BoxRefinementDecoder(nn.Module):
             hs = self.run_layer(i, layer, hs, query_pos, ref_in, inputs, attn_mask)
             delta = self.box_delta(i, hs)
             box = (delta + inverse_sigmoid(prev)).sigmoid()  # look forward twice: grads reach the previous layer
-            local = (delta + inverse_sigmoid(ref_sig.detach())).sigmoid()
-            preds.append(self.predict(hs, box, inputs))
+            local = (self.reference_delta(i, hs, delta) + inverse_sigmoid(ref_sig.detach())).sigmoid()
+            preds.append(self.predict(self.layer_output(hs), box, inputs))
             prev, ref_sig = local, local.detach()
         return preds

@@ -64,19 +64,22 @@ class DeformableEncoder(nn.Module):
         self.layers = nn.ModuleList(self.layer_cls(d_model, d_ffn, dropout, n_levels, n_heads, n_points)
                                     for _ in range(num_layers))
 
-    def flatten(self, srcs: list[torch.Tensor], masks: list[torch.Tensor]) -> FlatLevels:
+    def flatten(self, srcs: list[torch.Tensor], masks: list[torch.Tensor],
+                pos_levels: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> FlatLevels:
+        """``pos_levels``: the (level, mask) pairs whose sine positions (+ level embedding i) are concatenated
+        as the tokens' positions, default the levels themselves (MaskDINO's code misorders its extra levels')."""
         shapes = [tuple(s.shape[-2:]) for s in srcs]
         pos = [self.pe(s, m).flatten(2).transpose(1, 2) + self.level_embed[i][None, None]
-               for i, (s, m) in enumerate(zip(srcs, masks))]  # each [B, HW, D]
+               for i, (s, m) in enumerate(pos_levels or zip(srcs, masks))]  # each [B, HW, D]
         src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)  # [B, S, D]
         pos = torch.cat(pos, 1)
         mask_flat = torch.cat([m.flatten(1) for m in masks], 1)  # [B, S]
         ratios = valid_ratios(masks)  # [B, L, 2]
         return FlatLevels(src, pos, mask_flat, shapes, ratios, encoder_reference_points(shapes, ratios))
 
-    def forward(self, srcs: list[torch.Tensor], masks: list[torch.Tensor],
-                pre_layer: LayerHook | None = None) -> tuple[torch.Tensor, FlatLevels]:
-        levels = self.flatten(srcs, masks)
+    def forward(self, srcs: list[torch.Tensor], masks: list[torch.Tensor], pre_layer: LayerHook | None = None,
+                pos_levels: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> tuple[torch.Tensor, FlatLevels]:
+        levels = self.flatten(srcs, masks, pos_levels)
         src = levels.src
         for i, layer in enumerate(self.layers):
             if pre_layer is not None:

@@ -56,6 +56,20 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     return torch.where(rows.any(-1, keepdim=True), boxes, torch.zeros_like(boxes))
 
 
+def detr_masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """DETR's ``masks_to_boxes`` (MaskDINO's ``mask2box``): xyxy of ``masks [..., H, W]`` with x2, y2 the last
+    pixel (inclusive); an empty mask gives ``(1e8, 1e8, 0, 0)``."""
+    h, w = masks.shape[-2:]
+    ys = torch.arange(h, device=masks.device, dtype=torch.float32)
+    xs = torch.arange(w, device=masks.device, dtype=torch.float32)
+    cols, rows = masks.any(-2), masks.any(-1)  # [..., W], [..., H]
+    x1 = torch.where(cols, xs, 0.0).amax(-1)
+    y1 = torch.where(rows, ys, 0.0).amax(-1)
+    x0 = torch.where(cols, xs, 1e8).amin(-1)
+    y0 = torch.where(rows, ys, 1e8).amin(-1)
+    return torch.stack([x0, y0, x1, y1], -1)
+
+
 def valid_ratios(masks: list[torch.Tensor]) -> torch.Tensor:
     """Per level the unpadded fraction of height and width: masks [B, H, W] → ``[B, L, 2]`` (w, h)."""
     out = []
@@ -82,12 +96,14 @@ def encoder_reference_points(shapes: list[tuple[int, int]], ratios: torch.Tensor
     return ref[:, :, None] * ratios[:, None]  # [B, S, L, 2]
 
 
-def encoder_proposals(memory_mask: torch.Tensor, shapes: list[tuple[int, int]]) -> torch.Tensor:
+def encoder_proposals(memory_mask: torch.Tensor, shapes: list[tuple[int, int]], by_position: bool = False
+                      ) -> torch.Tensor:
     """Per encoder token a box ``[B, S, 4]`` (cx, cy, w, h): its cell centre normalised by the image's
     unpadded extent on its level and a size growing 2x per coarser level (MaskDINO's proposal geometry).
 
-    ``memory_mask [B, S]`` is the flattened padding mask of the levels ``shapes``."""
-    order = sorted(range(len(shapes)), key=lambda i: -shapes[i][0] * shapes[i][1])
+    ``memory_mask [B, S]`` is the flattened padding mask of the levels ``shapes``; ``by_position``: the size
+    grows with the level's position in ``shapes`` instead (DINO's code, whatever the order)."""
+    order = list(range(len(shapes))) if by_position else sorted(range(len(shapes)), key=lambda i: -shapes[i][0] * shapes[i][1])
     rank = {lvl: r for r, lvl in enumerate(order)}
     out, start = [], 0
     bsz, dev = memory_mask.shape[0], memory_mask.device

@@ -50,9 +50,12 @@ def make_norm(kind: str, channels: int) -> nn.Module:
 class ConvNorm(nn.Module):
     """Conv → norm (→ ReLU) that zeroes padded positions before the conv and uses masked statistics."""
 
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, norm: str = "GN", relu: bool = False):
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, norm: str = "GN", relu: bool = False,
+                 bias: bool | None = None):
+        """``bias`` None: a bias only without a norm; True: always (MaskDINO's input projections)."""
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=not norm)
+        self.conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2,
+                              bias=(not norm) if bias is None else bias)
         self.norm = make_norm(norm, cout)
         self.relu = relu
         nn.init.xavier_uniform_(self.conv.weight)

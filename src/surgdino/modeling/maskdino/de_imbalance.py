@@ -21,42 +21,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgdino.config.keys.maskdino import is_official
 from surgdino.errors import ConfigError
 from surgdino.modeling.layers import MLP, gather_tokens, gen_sineembed_for_position, inverse_sigmoid
-from surgdino.modeling.layers.blocks import CrossAttentionLayer, SelfAttentionLayer
 from surgdino.modeling.layers.box_refine import DecoderInputs, QuerySelection
 from surgdino.modeling.layers.geometry import encoder_proposals
 from surgdino.modeling.layers.masked_norm import group_norm
+from surgdino.modeling.maskdino import de_imbalance_official as official
 from surgdino.modeling.maskdino.criterion import SetCriterion
 from surgdino.modeling.maskdino.decoder import MaskDINODecoder
+from surgdino.modeling.maskdino.di_layers import (
+    GuidedTokenUpdate,
+    TokenInteractionLayer,
+    feature_valid,
+    replicate_padding,
+)
 from surgdino.registry import DECODER_REGISTRY
-
-TokenInteractionLayer = SelfAttentionLayer  # post-norm self-attention among the first-selected tokens + FFN
-
-
-class GuidedTokenUpdate(CrossAttentionLayer):
-    """BATO's token update: every encoder token cross-attends to the guiding tokens, then residual, norm, FFN.
-
-    Queries are ``memory + memory_pos``, keys ``guide + guide_pos``, values ``guide`` (the guiding tokens'
-    mask embeddings). Padding tokens come back unchanged.
-    """
-
-    def forward(self, memory: torch.Tensor, memory_pos: torch.Tensor, memory_mask: torch.Tensor,  # type: ignore[override]
-                guide: torch.Tensor, guide_pos: torch.Tensor) -> torch.Tensor:
-        """``memory, memory_pos [B, S, D]``, ``memory_mask [B, S]`` (True = padding), ``guide, guide_pos [B, G, D]``."""
-        return torch.where(memory_mask[..., None], memory, super().forward(memory, memory_pos, guide, guide_pos))
-
-
-def _replicate_padding(x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-    """``x [B, C, H, W]`` with padded rows/columns (``pad [B, H, W]``, True = padding, bottom/right) replaced by
-    the last valid ones, so bilinear upsampling gives at valid pixels what it gives for the image alone."""
-    b, _, h, w = x.shape
-    vh = (~pad[:, :, 0]).sum(1).clamp(min=1)  # [B]
-    vw = (~pad[:, 0, :]).sum(1).clamp(min=1)
-    rows = torch.minimum(torch.arange(h, device=x.device)[None], vh[:, None] - 1)  # [B, H]
-    cols = torch.minimum(torch.arange(w, device=x.device)[None], vw[:, None] - 1)  # [B, W]
-    x = torch.gather(x, 2, rows[:, None, :, None].expand(-1, x.shape[1], -1, w))
-    return torch.gather(x, 3, cols[:, None, None, :].expand(-1, x.shape[1], h, -1))
 
 
 @DECODER_REGISTRY.register("DIMaskDINODecoder")
@@ -64,7 +44,7 @@ class DIMaskDINODecoder(MaskDINODecoder):
     """MaskDINO's decoder with a different selection (``select_queries``, De-Imbalance: first selection →
     token interaction → second selection) and a per-layer memory update (``layer_inputs``, BATO).
 
-    Choices (and where they differ from the reference code):
+    Choices of our design (``design = "surgdino"``) and where they differ from the reference code:
 
     * Box refinement of the token-interaction (TI) outputs applies each layer's predicted delta ONCE:
       ``box_l = sigmoid(delta_l + inverse_sigmoid(box_{l-1}))``. The reference adds the delta a second time
@@ -82,16 +62,28 @@ class DIMaskDINODecoder(MaskDINODecoder):
       BATO's FFN has the encoder's width (``SEM_SEG_HEAD.DIM_FEEDFORWARD``): it transforms encoder tokens.
     * ``ti_layers = 0`` and ``num_guiding_tokens = 0`` reduce this decoder to MaskDINO's (same outputs for
       the same weights).
+
+    ``design = "official"`` builds the reference design instead, so that official checkpoints load and give
+    the reference outputs (``de_imbalance_official``: its own TI norm and box head, the delta applied twice,
+    BATO as the reference writes it); ``"surgdino"`` is the design described above.
     """
 
     def __init__(self, *, first_selected_queries: int = 600, num_guiding_tokens: int = 50, ti_layers: int = 2,
-                 bato_dim_feedforward: int = 1024, **kwargs):
+                 bato_dim_feedforward: int = 1024, design: str = "surgdino", **kwargs):
+        if design not in ("surgdino", "official"):
+            raise ConfigError(f"MODEL.MaskDINO.DI_DESIGN = {design!r} must be 'surgdino' or 'official'")
         super().__init__(**kwargs)
+        self.design = design
         d = self.hidden_dim
         nheads, dropout = kwargs.get("nheads", 8), kwargs.get("dropout", 0.0)
         mask_dim = kwargs.get("mask_dim", 256)
         self.first_selected_queries = max(first_selected_queries, self.num_queries)
         self.num_guiding_tokens = num_guiding_tokens
+        if design == "official":
+            official.build_parts(self, ti_layers=ti_layers, bato_dim_feedforward=bato_dim_feedforward, nheads=nheads,
+                                 dropout=dropout, dim_feedforward=kwargs.get("dim_feedforward", 2048),
+                                 mask_dim=mask_dim)
+            return
         self.ti_layers = nn.ModuleList(TokenInteractionLayer(d, kwargs.get("dim_feedforward", 2048), dropout, nheads)
                                        for _ in range(ti_layers))
         if ti_layers:
@@ -122,9 +114,17 @@ class DIMaskDINODecoder(MaskDINODecoder):
                               "NUM_GUIDING_TOKENS 0")
         if m.TI_LAYERS < 0:
             raise ConfigError(f"{p}TI_LAYERS = {m.TI_LAYERS} must be >= 0")
+        design = m.DI_DESIGN or ("official" if is_official(cfg) else "surgdino")
+        official_design = design == "official"
+        if official_design and cfg.MODEL.SEM_SEG_HEAD.MASK_DIM != m.HIDDEN_DIM:
+            raise ConfigError(f"{p}DI_DESIGN official needs MODEL.SEM_SEG_HEAD.MASK_DIM = {p}HIDDEN_DIM (its BATO "
+                              f"fuses tokens into the mask features unprojected); they are "
+                              f"{cfg.MODEL.SEM_SEG_HEAD.MASK_DIM} and {m.HIDDEN_DIM}: make them equal or use "
+                              "DI_DESIGN surgdino")
+        ffn = m.DIM_FEEDFORWARD if official_design else cfg.MODEL.SEM_SEG_HEAD.DIM_FEEDFORWARD
         return dict(super().from_config(cfg), first_selected_queries=m.FIRST_SELECTED_QUERIES,
                     num_guiding_tokens=m.NUM_GUIDING_TOKENS, ti_layers=m.TI_LAYERS,
-                    bato_dim_feedforward=cfg.MODEL.SEM_SEG_HEAD.DIM_FEEDFORWARD)
+                    bato_dim_feedforward=ffn, design=design)
 
     @classmethod
     def build_criterion(cls, cfg, **kwargs) -> SetCriterion:
@@ -139,12 +139,17 @@ class DIMaskDINODecoder(MaskDINODecoder):
         tgt, ref_unsig, sel_valid = self.top_tokens(inputs, self.first_selected_queries)  # [B, K1, ...], best first
         k = min(self.num_queries, tgt.shape[1])
         first = self.heads(tgt, inputs.mask_features)
-        interm = {"pred_logits": first["pred_logits"][:, :k], "pred_embeds": first["pred_embeds"][:, :k],
-                  "mask_features": inputs.mask_features, "pred_boxes": ref_unsig[:, :k].sigmoid()}
+        n = tgt.shape[1] if self.design == "official" else k  # the reference supervises the whole first selection
+        interm = {"pred_logits": first["pred_logits"][:, :n], "pred_embeds": first["pred_embeds"][:, :n],
+                  "mask_features": inputs.mask_features, "pred_boxes": ref_unsig[:, :n].sigmoid()}
         ref = ref_unsig.detach()
         if self.initialize_box_type != "no":
             ref = self.mask_boxes(first["pred_embeds"].detach(), inputs)
         x = tgt.detach()
+        if self.design == "official":
+            x, ref, ti_outputs = official.token_interaction(self, x, ref, sel_valid, inputs, k)
+            extras = {"ti_outputs": ti_outputs} if self.training and ti_outputs else {}
+            return QuerySelection(x, ref, interm, extras)
         ti_outputs = []
         for layer in self.ti_layers:
             pos = self.ti_ref_point_head(gen_sineembed_for_position(ref.sigmoid().detach(), self.hidden_dim))
@@ -190,14 +195,11 @@ class DIMaskDINODecoder(MaskDINODecoder):
         start = sum(sizes[:lvl])
         h, w = shapes[lvl]
         lv = updated[:, start:start + h * w].transpose(1, 2).reshape(-1, d, h, w)
-        lv = _replicate_padding(lv, mask[:, start:start + h * w].view(-1, h, w))
+        lv = replicate_padding(lv, mask[:, start:start + h * w].view(-1, h, w))
         mf = inputs.mask_features
         fh, fw = mf.shape[-2:]
         lv = F.interpolate(lv, size=(fh, fw), mode="bilinear", align_corners=False)
-        fs = inputs.feat_sizes
-        dev = mf.device
-        valid = ((torch.arange(fh, device=dev)[None, :, None] < fs[:, 0, None, None])
-                 & (torch.arange(fw, device=dev)[None, None, :] < fs[:, 1, None, None]))[:, None].to(mf.dtype)
+        valid = feature_valid(mf, inputs.feat_sizes)
         add = F.gelu(self.bato_mask_norm(self.bato_mask_conv(lv * valid), valid)) * valid
         return dataclasses.replace(inputs, memory=updated, mask_features=mf + add)
 
@@ -206,6 +208,8 @@ class DIMaskDINODecoder(MaskDINODecoder):
         """Layer 0 reads the encoder's tokens; BATO updates them (and the mask features) once, before layer 1,
         and layers >= 1 and their heads read the update."""
         if self.num_guiding_tokens > 0 and i == 1 and selection is not None:
+            if self.design == "official":
+                return official.bato(self, inputs, hs, selection)
             return self.bato(inputs, hs, selection)
         return inputs
 

@@ -3,6 +3,12 @@ deformable decoder layers with look-forward-twice box refinement (``layers.box_r
 class/mask/box heads.
 
 DI-MaskDINO overrides ``select_queries`` (De-Imbalance) and ``layer_inputs`` (BATO).
+
+``official=True`` (``MODEL.MaskDINO.ARCHITECTURE official``) computes as IDEA-Research/MaskDINO's decoder: it
+reads the encoder's levels in reverse order, updates reference boxes from the un-normed queries (output boxes
+from the normed ones), applies the class and mask heads of decoder layers to twice-normed queries (its decoder
+returns normed queries and its heads norm them again; the initial prediction is normed once), lets out-of-image tokens compete in the selection, sizes proposals by level position, and
+``mask2box`` is its DETR box (right/bottom inclusive, an empty mask gives an inverted box).
 """
 
 from __future__ import annotations
@@ -12,11 +18,13 @@ import math
 import torch
 from torch import nn
 
+from surgdino.config.keys.maskdino import is_official
 from surgdino.modeling.layers import MLP, inverse_sigmoid
 from surgdino.modeling.layers.blocks import DeformableDecoderLayer
 from surgdino.modeling.layers.box_refine import BoxRefinementDecoder, DecoderInputs, QuerySelection
 from surgdino.modeling.layers.geometry import (
     box_xyxy_to_cxcywh,
+    detr_masks_to_boxes,
     masks_to_boxes,
     valid_ratios,
 )
@@ -34,8 +42,11 @@ class MaskDINODecoder(BoxRefinementDecoder):
                  dim_feedforward: int = 2048, dropout: float = 0.0, dec_layers: int = 9, n_points: int = 4,
                  mask_dim: int = 256, num_feature_levels: int = 4, initial_pred: bool = True,
                  initialize_box_type: str = "mask2box", dn: str = "seg", dn_num: int = 100,
-                 dn_noise_scale: float = 0.4, dn_label_noise_ratio: float = 0.2, class_prior_prob: float = 0.01):
+                 dn_noise_scale: float = 0.4, dn_label_noise_ratio: float = 0.2, class_prior_prob: float = 0.01,
+                 official: bool = False):
         super().__init__()
+        self.official = official
+        self.select_invalid = self.proposals_by_position = official
         self.num_classes = num_classes
         self.num_queries = num_queries
         self.initial_pred = initial_pred
@@ -67,7 +78,8 @@ class MaskDINODecoder(BoxRefinementDecoder):
                     num_feature_levels=cfg.MODEL.SEM_SEG_HEAD.TOTAL_NUM_FEATURE_LEVELS,
                     initial_pred=m.INITIAL_PRED, initialize_box_type=m.INITIALIZE_BOX_TYPE, dn=m.DN,
                     dn_num=m.DN_NUM, dn_noise_scale=m.DN_NOISE_SCALE,
-                    dn_label_noise_ratio=m.DN_LABEL_NOISE_RATIO, class_prior_prob=m.CLASS_PRIOR_PROB)
+                    dn_label_noise_ratio=m.DN_LABEL_NOISE_RATIO, class_prior_prob=m.CLASS_PRIOR_PROB,
+                    official=is_official(cfg))
 
     # ---- heads ----
     def heads(self, hs: torch.Tensor, mask_features: torch.Tensor) -> dict:
@@ -78,6 +90,12 @@ class MaskDINODecoder(BoxRefinementDecoder):
     def predict(self, hs: torch.Tensor, boxes: torch.Tensor, inputs: DecoderInputs) -> dict:
         return dict(self.heads(hs, inputs.mask_features), pred_boxes=boxes)
 
+    def reference_delta(self, i: int, hs: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return self.bbox_embed(hs) if self.official else delta
+
+    def layer_output(self, hs: torch.Tensor) -> torch.Tensor:
+        return self.decoder_norm(hs) if self.official else hs
+
     # ---- query selection ----
     @torch.no_grad()
     def mask_boxes(self, embeds: torch.Tensor, inputs: DecoderInputs, chunk: int = 128) -> torch.Tensor:
@@ -86,10 +104,12 @@ class MaskDINODecoder(BoxRefinementDecoder):
         fs = inputs.feat_sizes
         scale = torch.stack([fs[:, 1], fs[:, 0]] * 2, -1)[:, None]  # [B, 1, 4]
         out = []
+        detr_box = self.official and self.initialize_box_type == "mask2box"
         for i in range(0, embeds.shape[1], chunk):  # slices, not split(): its ONNX export rounds up the last chunk
             e = embeds[:, i:i + chunk]
             masks = torch.einsum("bqd,bdhw->bqhw", e, inputs.mask_features) > 0  # [B, q, h, w]
-            out.append(box_xyxy_to_cxcywh(masks_to_boxes(masks)) / scale)
+            boxes = detr_masks_to_boxes(masks) if detr_box else masks_to_boxes(masks)
+            out.append(box_xyxy_to_cxcywh(boxes) / scale)
         return inverse_sigmoid(torch.cat(out, 1).clamp(0, 1))
 
     def select_queries(self, inputs: DecoderInputs) -> QuerySelection:
@@ -105,6 +125,8 @@ class MaskDINODecoder(BoxRefinementDecoder):
     def decoder_inputs(self, multi_scale_features: list[torch.Tensor], masks: list[torch.Tensor],
                        mask_features: torch.Tensor, image_sizes: torch.Tensor,
                        padded_size: tuple[int, int]) -> DecoderInputs:
+        if self.official:  # MaskDINO's decoder reads the encoder's levels in reverse order
+            multi_scale_features, masks = multi_scale_features[::-1], masks[::-1]
         memory = torch.cat([f.flatten(2).transpose(1, 2) for f in multi_scale_features], 1)  # [B, S, D]
         fh, fw = mask_features.shape[-2:]
         scale = shape_tensor([[fh / padded_size[0], fw / padded_size[1]]], dtype=torch.float32, device=memory.device)[0]

@@ -3,6 +3,11 @@
 Three stages, separable: ``preprocessor`` (dicts → normalised padded images, padding mask, targets),
 ``forward_tensors(images, pad_mask)`` (tensors only, no data-dependent Python control flow: what
 tracing and export see) and ``postprocessor`` (raw outputs → per-image instances).
+
+``ignore_padding`` (``MODEL.MaskDINO.ARCHITECTURE official``): as MaskDINO's code, the model sees no padding
+mask: padded pixels are image content, boxes are predicted relative to the padded batch and rescaled to each
+image here. A single image whose sides divide by ``size_divisibility`` has no padding, so it gives the official
+outputs; inside a padded batch its outputs differ from the official single-image ones (and from ours).
 """
 
 from __future__ import annotations
@@ -10,11 +15,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from surgdino.config.keys.maskdino import is_official
 from surgdino.modeling.backbone import build_backbone
 from surgdino.modeling.maskdino.criterion import SetCriterion
 from surgdino.modeling.maskdino.de_imbalance import DIMaskDINODecoder  # noqa: F401  (fills DECODER_REGISTRY)
 from surgdino.modeling.maskdino.decoder import MaskDINODecoder  # noqa: F401  (fills DECODER_REGISTRY)
+from surgdino.modeling.maskdino.di_official_keys import DIMASKDINO as _OFFICIAL_DI_MAP  # noqa: F401  (registers it)
 from surgdino.modeling.maskdino.matcher import HungarianMatcher
+from surgdino.modeling.maskdino.official_weights import MASKDINO as _OFFICIAL_MAP  # noqa: F401  (registers the converter)
 from surgdino.modeling.maskdino.postprocess import InstancePostProcessor
 from surgdino.modeling.maskdino.preprocess import Preprocessor
 from surgdino.modeling.pixel_decoder import MaskDINOEncoder  # noqa: F401  (fills PIXEL_DECODER_REGISTRY)
@@ -29,7 +37,8 @@ class MaskDINO(nn.Module):
 
     def __init__(self, *, backbone: nn.Module, pixel_decoder: nn.Module, decoder: nn.Module,
                  criterion: SetCriterion, postprocessor: InstancePostProcessor, pixel_mean: list[float],
-                 pixel_std: list[float], size_divisibility: int = 32, loss_weight: float = 1.0):
+                 pixel_std: list[float], size_divisibility: int = 32, loss_weight: float = 1.0,
+                 ignore_padding: bool = False):
         super().__init__()
         self.backbone = backbone
         self.pixel_decoder = pixel_decoder
@@ -39,6 +48,7 @@ class MaskDINO(nn.Module):
         self.preprocessor = Preprocessor(pixel_mean, pixel_std,
                                          max(size_divisibility, getattr(backbone, "size_divisibility", 0) or 0))
         self.loss_weight = loss_weight
+        self.ignore_padding = ignore_padding
 
     @classmethod
     def from_config(cls, cfg) -> dict:
@@ -65,13 +75,15 @@ class MaskDINO(nn.Module):
                     postprocessor=InstancePostProcessor(**InstancePostProcessor.from_config(cfg)),
                     pixel_mean=cfg.MODEL.PIXEL_MEAN, pixel_std=cfg.MODEL.PIXEL_STD,
                     size_divisibility=max(m.SIZE_DIVISIBILITY, cfg.INPUT.SIZE_DIVISIBILITY),
-                    loss_weight=cfg.MODEL.SEM_SEG_HEAD.LOSS_WEIGHT)
+                    loss_weight=cfg.MODEL.SEM_SEG_HEAD.LOSS_WEIGHT, ignore_padding=is_official(cfg))
 
     @property
     def size_divisibility(self) -> int:
         return self.preprocessor.size_divisibility
 
     def _outputs(self, images: torch.Tensor, pad_mask: torch.Tensor, targets: list[dict] | None) -> dict:
+        if self.ignore_padding:
+            pad_mask = torch.zeros_like(pad_mask)
         image_sizes = torch.stack([(~pad_mask[:, :, 0]).sum(1), (~pad_mask[:, 0, :]).sum(1)], -1)  # [B, 2] (h, w)
         features = self.backbone(images)
         mask_features, levels, masks = self.pixel_decoder(features, pad_mask)
@@ -91,6 +103,10 @@ class MaskDINO(nn.Module):
             return {k: v * self.loss_weight for k, v in self.criterion(out, batch.targets).items()}
         out = self.forward_tensors(batch.images, batch.pad_mask)
         padded = tuple(batch.images.shape[-2:])
+        if self.ignore_padding:  # boxes relative to the padded batch → relative to each image
+            sizes = torch.as_tensor(batch.image_sizes, dtype=torch.float32, device=out["pred_boxes"].device)  # [B, 2]
+            hw = torch.tensor(padded, dtype=torch.float32, device=sizes.device) / sizes
+            out["pred_boxes"] = out["pred_boxes"] * torch.stack([hw[:, 1], hw[:, 0]] * 2, -1)[:, None]
         return [self.postprocessor(out["pred_logits"][i], out["pred_boxes"][i], out["pred_embeds"][i],
                                    out["mask_features"][i], image_size=size, padded_size=padded, out_size=out_size)
                 for i, (size, out_size) in enumerate(zip(batch.image_sizes, batch.out_sizes))]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from surgdino.config.keys.maskdino import is_official
 from surgdino.modeling.maskdino.box_ops import box_cxcywh_to_xyxy
 
 
@@ -17,24 +18,27 @@ class InstancePostProcessor:
     (class-agnostic; 1.0 turns it off). Score = class probability × mean mask probability inside the mask.
     ``keep_empty_masks``: detections whose mask has no pixel (score 0 by construction) are dropped
     unless this is True (``TEST.KEEP_EMPTY_MASKS``), so results and drawings hold only real detections.
+    ``border_clamp``: mask logits beyond the feature map's edge repeat its edge (bilinear resizing as
+    ``F.interpolate``, MaskDINO's code; the official architecture) instead of being zero.
     """
 
     def __init__(self, *, detections_per_image: int = 100, score_threshold: float = 0.0,
                  one_label_per_query: bool = False, overlap_threshold: float = 0.8, chunk: int = 64,
-                 keep_empty_masks: bool = False):
+                 keep_empty_masks: bool = False, border_clamp: bool = False):
         self.k = detections_per_image
         self.score_threshold = score_threshold
         self.one_label_per_query = one_label_per_query
         self.overlap_threshold = overlap_threshold
         self.chunk = chunk
         self.keep_empty_masks = keep_empty_masks
+        self.padding_mode = "border" if border_clamp else "zeros"
 
     @classmethod
     def from_config(cls, cfg) -> dict:
         return dict(detections_per_image=cfg.TEST.DETECTIONS_PER_IMAGE, score_threshold=cfg.TEST.SCORE_THRESHOLD,
                     one_label_per_query=cfg.TEST.ONE_LABEL_PER_QUERY,
                     overlap_threshold=cfg.MODEL.MaskDINO.TEST.OVERLAP_THRESHOLD,
-                    keep_empty_masks=cfg.TEST.KEEP_EMPTY_MASKS)
+                    keep_empty_masks=cfg.TEST.KEEP_EMPTY_MASKS, border_clamp=is_official(cfg))
 
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, boxes: torch.Tensor, embeds: torch.Tensor, mask_features: torch.Tensor,
@@ -61,7 +65,8 @@ class InstancePostProcessor:
         masks, mask_scores = [], []
         for part in uq.split(self.chunk):
             m = torch.einsum("kd,dhw->khw", embeds[part].float(), mask_features.float())  # [k, h, w]
-            up = F.grid_sample(m[None], grid, mode="bilinear", align_corners=False)[0]  # [k, H, W] logits
+            up = F.grid_sample(m[None], grid, mode="bilinear", padding_mode=self.padding_mode,
+                               align_corners=False)[0]  # [k, H, W] logits
             binary = up > 0
             inside = up.sigmoid_().mul_(binary).flatten(1).sum(1)  # probabilities summed inside the mask
             mask_scores.append(inside / binary.flatten(1).sum(1).clamp(min=1))
