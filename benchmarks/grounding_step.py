@@ -85,7 +85,7 @@ def _peer(args, device):
 
 
 def _ours_model(which, args, device):
-    from surgdino.modeling.grounding.criterion import TokenMatcher, TokenSetCriterion
+    from surgdino.modeling.grounding.build import token_criterion
     from surgdino.modeling.grounding.model import GroundingDINO
 
     if which == "ours-swint":
@@ -108,11 +108,13 @@ def _ours_model(which, args, device):
         model = GroundingDINO(backbone=SurgeryCLIPBackbone(vit, trainable_blocks=0), in_features=["res4"],
                               text_encoder=text, text_dim=text.hidden_size, num_feature_levels=1,
                               num_queries=args.queries, prompt_mode="pooled" if which == "ours-500" else "caption")
-    model.criterion = TokenSetCriterion(TokenMatcher())
+    model.criterion = token_criterion()
     return model.to(device).train()
 
 
 def _ours(which, args, device):
+    from surgdino.modeling.grounding.model import loss_view
+
     model = _ours_model(which, args, device)
     pix = torch.randn(args.batch, 3, args.size, args.size, device=device)
     pad = torch.zeros(args.batch, args.size, args.size, dtype=torch.bool, device=device)
@@ -132,9 +134,10 @@ def _ours(which, args, device):
     tg = _targets(args.batch, device, classes=20)
 
     def step():
-        targets = [{"boxes": x["boxes"], "token_maps": pmap[x["labels"]]} for x in tg]
+        targets = [{"boxes": x["boxes"], "labels": x["labels"], "class_vectors": (pmap[x["labels"]] > 0).float()}
+                   for x in tg]
         out = model.forward_tensors(pix, pad, **text())
-        sum(model.criterion(out, targets).values()).backward()
+        sum(model.criterion(loss_view(out), targets).values()).backward()
 
     def infer():
         with torch.no_grad():

@@ -39,13 +39,13 @@ def grounded_detections(model: Any, image: torch.Tensor, out_size: tuple[int, in
     prompt = model.prompt()
     raw = model.forward_tensors(batch.tensors, batch.mask, **model.text_inputs(prompt, 1))
     t = prompt.num_tokens
-    probs = raw["pred_logits"][-1, 0, :, :t].float().sigmoid()  # [Q, T]
+    probs = raw["pred_logits"][0, :, :t].float().sigmoid()  # [Q, T]
     in_name = prompt.positive_map.to(dev).bool().any(0)  # [T]
     scores = probs.masked_fill(~in_name, 0.0).max(-1).values  # [Q]
     keep = (scores > box_threshold).nonzero().flatten()
     keep = keep[scores[keep].argsort(descending=True)]
     h, w = out_size
-    boxes = box_cxcywh_to_xyxy(raw["pred_boxes"][-1, 0, keep].float()) * torch.tensor([w, h, w, h], device=dev)
+    boxes = box_cxcywh_to_xyxy(raw["pred_boxes"][0, keep].float()) * torch.tensor([w, h, w, h], device=dev)
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
     labels = class_scores(probs[keep], prompt.positive_map.to(dev)).argmax(-1)

@@ -14,7 +14,13 @@ channels. Denoising queries enter ``refine`` as extra leading queries with their
   BATO returns updated memory and mask features from layer 1 on; the default returns ``inputs``);
 * ``run_layer(i, layer, hs, query_pos, ref_input, inputs, attn_mask)`` → the layer call (GroundingDINO
   passes its text memory, a subclass field of ``DecoderInputs``);
-* ``box_delta(i, hs)`` → unsigmoided box update (per-layer box heads override it).
+* ``box_delta(i, hs)`` → unsigmoided box update (per-layer box heads override it);
+* ``reference_delta(i, hs, delta)`` → the update of the next layer's reference (default ``delta``;
+  GroundingDINO's reference refines from the un-normed state);
+* ``enc_box_head(tgt)`` → the box head of selected encoder tokens (default ``bbox_embed``).
+
+``rank_invalid_tokens`` (default False): GroundingDINO's reference ranks padding and border tokens in the
+selection too, with +inf box priors (boxes of 1); its checkpoints' parity needs that.
 """
 
 from __future__ import annotations
@@ -72,6 +78,7 @@ class BoxRefinementDecoder(nn.Module):
     enc_output: nn.Module
     enc_output_norm: nn.Module
     class_embed: nn.Module
+    rank_invalid_tokens: bool = False
 
     def predict(self, hs: torch.Tensor, boxes: torch.Tensor, inputs: DecoderInputs) -> dict:
         raise NotImplementedError
@@ -83,7 +90,7 @@ class BoxRefinementDecoder(nn.Module):
         Returns ``out_mem [B, S, D]``, unsigmoided priors ``[B, S, 4]`` and validity ``[B, S]``."""
         props = encoder_proposals(memory_mask, shapes)  # [B, S, 4] float32
         valid = ((props > 0.01) & (props < 0.99)).all(-1) & ~memory_mask
-        props = inverse_sigmoid(props).masked_fill(~valid[..., None], 0.0)
+        props = inverse_sigmoid(props).masked_fill(~valid[..., None], float("inf") if self.rank_invalid_tokens else 0.0)
         out = self.enc_output_norm(self.enc_output(memory.masked_fill(~valid[..., None], 0.0)))
         return out, props, valid
 
@@ -96,11 +103,16 @@ class BoxRefinementDecoder(nn.Module):
         ``[B, K, 4]`` unsigmoided (encoder box head + proposal) and their validity ``[B, K]``."""
         out_mem, props, valid = self.proposals(inputs.memory, inputs.memory_mask, inputs.shapes)
         with torch.no_grad():  # scores only rank the tokens; the selected ones' outputs are recomputed below
-            scores = self.token_scores(out_mem, inputs).masked_fill(~valid, float("-inf"))  # [B, S]
+            scores = self.token_scores(out_mem, inputs)  # [B, S]
+            if not self.rank_invalid_tokens:
+                scores = scores.masked_fill(~valid, float("-inf"))
         idx = scores.topk(min(k, scores.shape[1]), dim=1).indices  # [B, K]
         tgt = gather_tokens(out_mem, idx)  # [B, K, D]
         # box head on the selected tokens only (same values as on all S tokens, then gathered)
-        return tgt, self.bbox_embed(tgt) + gather_tokens(props, idx), torch.gather(valid, 1, idx)
+        return tgt, self.enc_box_head(tgt) + gather_tokens(props, idx), torch.gather(valid, 1, idx)
+
+    def enc_box_head(self, tgt: torch.Tensor) -> torch.Tensor:
+        return self.bbox_embed(tgt)
 
     # ---- the refinement loop ----
 
@@ -114,6 +126,9 @@ class BoxRefinementDecoder(nn.Module):
 
     def box_delta(self, i: int, hs: torch.Tensor) -> torch.Tensor:
         return self.bbox_embed(self.decoder_norm(hs))
+
+    def reference_delta(self, i: int, hs: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return delta
 
     def refine(self, tgt: torch.Tensor, ref_unsig: torch.Tensor, inputs: DecoderInputs,
                attn_mask: torch.Tensor | None = None, selection: QuerySelection | None = None) -> list[dict]:
@@ -130,7 +145,7 @@ class BoxRefinementDecoder(nn.Module):
             hs = self.run_layer(i, layer, hs, query_pos, ref_in, inputs, attn_mask)
             delta = self.box_delta(i, hs)
             box = (delta + inverse_sigmoid(prev)).sigmoid()  # look forward twice: grads reach the previous layer
-            local = (delta + inverse_sigmoid(ref_sig.detach())).sigmoid()
+            local = (self.reference_delta(i, hs, delta) + inverse_sigmoid(ref_sig.detach())).sigmoid()
             preds.append(self.predict(hs, box, inputs))
             prev, ref_sig = local, local.detach()
         return preds
