@@ -95,9 +95,13 @@ class GroundingDINODetector(nn.Module):
                     token_type_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Token ids ``[B, T]`` of captions → ``text [B, T', D]`` (projected), ``text_valid [B, T']``,
         ``text_blocked [B, T', T']``, ``text_position_ids [B, T']`` with ``T' = min(T, max_text_len)``."""
-        t = min(input_ids.shape[1], self.max_text_len)
+        b, t = input_ids.shape[0], min(input_ids.shape[1], self.max_text_len)
         input_ids, attention_mask = input_ids[:, :t], attention_mask[:, :t].bool()
         token_type_ids = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids[:, :t]
+        # one caption for the whole batch (the usual case): encode it once and expand
+        same = b > 1 and all(bool((x == x[:1]).all()) for x in (input_ids, attention_mask, token_type_ids))
+        if same:
+            input_ids, attention_mask, token_type_ids = input_ids[:1], attention_mask[:1], token_type_ids[:1]
         if self.sub_sentence_present:
             allowed, position_ids = phrase_masks(input_ids)
             feats = self.text_encoder(input_ids, allowed, position_ids=position_ids, token_type_ids=token_type_ids)
@@ -105,8 +109,9 @@ class GroundingDINODetector(nn.Module):
             allowed = attention_mask[:, None, :] & attention_mask[:, :, None]
             position_ids = None
             feats = self.text_encoder(input_ids, attention_mask, token_type_ids=token_type_ids)
-        return {"text": self.text_projection(feats), "text_valid": attention_mask, "text_blocked": ~allowed,
-                "text_position_ids": position_ids}
+        out = {"text": self.text_projection(feats), "text_valid": attention_mask, "text_blocked": ~allowed,
+               "text_position_ids": position_ids}
+        return {k: v.expand(b, *v.shape[1:]) if same and v is not None else v for k, v in out.items()}
 
     # --- image ---
     def image_levels(self, images: torch.Tensor, pad_mask: torch.Tensor

@@ -145,7 +145,8 @@ class BoxRefinementDecoder(nn.Module):
             hs = self.run_layer(i, layer, hs, query_pos, ref_in, inputs, attn_mask)
             delta = self.box_delta(i, hs)
             box = (delta + inverse_sigmoid(prev)).sigmoid()  # look forward twice: grads reach the previous layer
-            local = (self.reference_delta(i, hs, delta) + inverse_sigmoid(ref_sig.detach())).sigmoid()
             preds.append(self.predict(hs, box, inputs))
-            prev, ref_sig = local, local.detach()
+            if i + 1 < len(self.layers):  # the next layer's reference
+                local = (self.reference_delta(i, hs, delta) + inverse_sigmoid(ref_sig.detach())).sigmoid()
+                prev, ref_sig = local, local.detach()
         return preds
