@@ -15,6 +15,7 @@ This module sits at the bottom of the package's layers (it imports only ``errors
 
 from __future__ import annotations
 
+import io
 import pickle
 import re
 import warnings
@@ -63,10 +64,24 @@ _PKL_ALLOWED = {
 }
 
 
+def _storage_from_bytes(data: bytes) -> Any:
+    """A tensor storage as ``pickle.dump(tensor)`` writes it (``torch.save`` bytes inside), read weights-only
+    (torch's own ``_load_from_bytes`` would allow any object)."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+# torch tensors pickled with plain pickle (MaskDINO's convert-pretrained-swin-model-to-d2.py writes such .pkl)
+_PKL_TORCH = {("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+              ("torch.storage", "_load_from_bytes"): _storage_from_bytes}
+
+
 class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles numpy arrays, dtypes, scalars and plain containers; any other global is refused."""
+    """Unpickles numpy arrays, dtypes, scalars, plain containers and plainly pickled torch tensors (their
+    storages read weights-only); any other global is refused."""
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _PKL_TORCH:
+            return _PKL_TORCH[(module, name)]
         if (module, name) in _PKL_ALLOWED or (module == "numpy.dtypes" and name.endswith("DType")):
             if module == "__builtin__":
                 module = "builtins"

@@ -21,8 +21,12 @@ from typing import Any
 
 import yaml
 
+from surgdino.config.official import ARCHITECTURE_KEY, is_official_config, unsupported_reason
 from surgdino.config.validate import normalize_dataset_item, validate
 from surgdino.errors import ConfigError
+from surgdino.log import get_logger
+
+logger = get_logger(__name__)
 
 # Types a key may have. ``list[...]`` values accept YAML lists and detectron2-style tuple strings.
 _SCALARS = {"bool": bool, "int": int, "float": float, "str": str}
@@ -202,6 +206,10 @@ def closest_key(name: str) -> str | None:
 
 
 def _unknown(name: str, source: str) -> ConfigError:
+    why = unsupported_reason(name)
+    if why is not None:
+        return ConfigError(f"{source}: {name} (a key of the official MaskDINO / detectron2 configs) is not "
+                           f"implemented: {why}")
     best = closest_key(name)
     hint = f"; did you mean {best}?" if best else "; run `surgdino config keys` to list valid keys"
     return ConfigError(f"{source}: unknown config key {name}{hint}")
@@ -420,10 +428,23 @@ def load_config(config_file: str | None = None, opts: list[str] | None = None) -
     cfg = default_config()
     known = schema()
     if config_file:
-        for name, (value, path) in _read_yaml(config_file).items():
-            if name not in known:
-                raise _unknown(name, path)
-            cfg = cfg.merge({name: value}, source=path)
+        flat = _read_yaml(config_file)
+        problems = []
+        for name, (value, path) in flat.items():
+            if name in known:
+                cfg = cfg.merge({name: value}, source=path)
+            else:
+                problems.append(_unknown(name, path))
+        if len(problems) == 1:
+            raise problems[0]
+        if problems:
+            raise ConfigError(f"{config_file}: {len(problems)} keys cannot be used; remove or fix them: "
+                              + "; ".join(str(e) for e in problems))
+        backbone = flat.get("MODEL.BACKBONE.NAME", (None,))[0]
+        if ARCHITECTURE_KEY in known and is_official_config(flat, backbone):
+            cfg = cfg.merge({ARCHITECTURE_KEY: "official"}, source=config_file)
+            logger.info("%s uses only keys of the official MaskDINO / DI-MaskDINO configs: %s official (the "
+                        "official computation; set it to surgdino for ours)", config_file, ARCHITECTURE_KEY)
     cfg = merge_opts(cfg, opts)
     items = [normalize_dataset_item(item) for item in cfg.DATASETS.REGISTER]
     if items != cfg.DATASETS.REGISTER:  # given on the command line in the other spelling

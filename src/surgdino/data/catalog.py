@@ -9,6 +9,7 @@ the generated instrument trays, created under ``DATASETS.SYNTHETIC_ROOT`` on fir
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -40,9 +41,12 @@ class _DatasetCatalog:
     def get(self, name: str) -> list[dict[str, Any]]:
         """The dataset's records (a new list; the record dicts are shared and must not be modified)."""
         if name not in self._fns:
+            builtin = (f" ({name!r} is one of detectron2's built-in datasets, which official configs name; SurgDINO "
+                       "has none built in: register it with its files)"
+                       if re.match(r"^(coco|lvis|cityscapes|ade20k|voc|keypoints_coco|openimages)_", name) else "")
             raise ConfigError(
-                f"unknown dataset {name!r}; registered: {self.names() or 'none'}. Declare it in the config under "
-                "DATASETS.REGISTER as {name, json_file, image_root} or call register_coco_instances()"
+                f"unknown dataset {name!r}{builtin}; registered: {self.names() or 'none'}. Declare it in the config "
+                "under DATASETS.REGISTER as {name, json_file, image_root} or call register_coco_instances()"
             )
         if name not in self._cache:
             records = self._fns[name]()

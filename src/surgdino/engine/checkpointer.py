@@ -103,6 +103,9 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     naming the file if missing, unreadable or unsafe (``checkpoint_io.UnsafeCheckpointError``)."""
     if os.path.isdir(path):
         raise CheckpointError(f"{path} is a directory; give the checkpoint file inside it (e.g. model_final.pth)")
+    if re.match(r"^[a-z][a-z0-9+]*://", path):  # detectron2://, https:// ... (official configs name such URLs)
+        raise CheckpointError(f"MODEL.WEIGHTS {path} is a URL; SurgDINO downloads nothing: fetch the file yourself "
+                              "and give its path (or MODEL.WEIGHTS '' to start from random weights)")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}; check MODEL.WEIGHTS or the path given")
     try:

@@ -79,8 +79,3 @@ d(g + "NO_INTERM_BOX_LOSS", False, "bool", "No box losses on the encoder proposa
 d(g + "AUX_LOSS", True, "bool", "Losses (same weights) on every decoder layer, not only the last (*_0, *_1, ...). [aux_loss]")
 # --- inference ---
 d(g + "NUM_SELECT", 300, "int", "Detections kept per image at inference (top-k over query × class scores; GroundingDINO's counterpart of TEST.DETECTIONS_PER_IMAGE). [num_select]")
-
-w = "MODEL.SWIN."
-d(w + "DROP_PATH_RATE", 0.2, "float", "Stochastic depth rate of the swin_tiny / swin_base backbones (GroundingDINO's 0.2).")
-d(w + "OUT_FEATURES", ["res2", "res3", "res4", "res5"], "list[str]", "Swin stages returned (strides 4, 8, 16, 32).")
-d(w + "PRETRAIN_IMG_SIZE", 224, "int", "Image size of the Swin pre-training (224: window 7; 384: window 12, Swin-B 384).")

@@ -1,9 +1,12 @@
 """Keys of the backbone, pixel decoder (SEM_SEG_HEAD) and MaskDINO / DI-MaskDINO decoder."""
 
 from surgdino.config.core import declare as d
+from surgdino.log import get_logger
+
+logger = get_logger(__name__)
 
 d("MODEL.BACKBONE.NAME", "convnext", "str",
-  "Backbone from the registry: convnext (sized by MODEL.CONVNEXT), convnext_{atto,femto,pico,nano,tiny,small,base}, D2ConvNeXt (alias of convnext), surgeryclip.")
+  "Backbone from the registry: convnext (sized by MODEL.CONVNEXT), convnext_{atto,femto,pico,nano,tiny,small,base}, D2ConvNeXt (alias of convnext), build_resnet_backbone or resnet (detectron2 ResNet, MODEL.RESNETS), D2SwinTransformer (MaskDINO's Swin, MODEL.SWIN), swin_{tiny,small,base,large} (GroundingDINO Swin presets), surgeryclip.")
 d("MODEL.BACKBONE.FREEZE_AT", 0, "int", "Frozen backbone parts, counted as in detectron2: 0 = none, 1 = stem, 2 = stem + res2, 3 = + res3, 4 = + res4, 5 = stem and all four stages; frozen parts get no gradient and run in eval mode (no drop path); ConvNeXt output norms always train.")
 
 d("MODEL.CONVNEXT.DEPTHS", [3, 3, 9, 3], "list[int]", "Blocks per stage (Tiny [3,3,9,3]; Small and Base [3,3,27,3]).")
@@ -36,6 +39,9 @@ d(h + "COMMON_STRIDE", 4, "int", "Stride of the mask features (fused with the fi
 d(h + "FEATURE_ORDER", "low2high", "str", "Order of encoder levels: low2high (coarse first) or high2low.", choices=["low2high", "high2low"])
 
 m = "MODEL.MaskDINO."
+d(m + "ARCHITECTURE", "surgdino", "str",
+  "surgdino: our design (padding masks honoured, bias-free input projections, encoder and decoder see the levels in one order, invalid tokens never selected); official: IDEA-Research/MaskDINO's computation, so its checkpoints load unchanged and give its outputs (input-projection biases, reversed decoder level order, reference boxes from un-normed queries, no padding mask).",
+  choices=["surgdino", "official"])
 d(m + "TRANSFORMER_DECODER_NAME", "MaskDINODecoder", "str", "MaskDINODecoder, or DIMaskDINODecoder (De-Imbalance + BATO).",
   choices=["MaskDINODecoder", "DIMaskDINODecoder"])
 d(m + "DEEP_SUPERVISION", True, "bool", "Losses on every decoder layer (and on the token-interaction outputs with DI).")
@@ -105,6 +111,8 @@ def encoder_in_features(cfg) -> list[str]:
     head = cfg.MODEL.SEM_SEG_HEAD
     n = head.NUM_FEATURE_LEVELS
     given = list(head.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES)
+    if cfg.get("MODEL.MaskDINO.ARCHITECTURE") == "official":  # official code: NUM_FEATURE_LEVELS has no effect
+        return given
     if given == _DEFAULT_ENC_IN and n != len(given) and 1 <= n <= 4:
         return _LEVELS[4 - n:]
     return given
@@ -120,7 +128,10 @@ def check_feature_levels(cfg) -> None:
     if not 1 <= n <= 4:
         raise ConfigError(f"{p}NUM_FEATURE_LEVELS = {n} must be 1..4 (the last N of res2..res5)")
     feats = encoder_in_features(cfg)
-    if len(feats) != n:
+    if len(feats) != n and cfg.get("MODEL.MaskDINO.ARCHITECTURE") == "official":
+        logger.info("%sNUM_FEATURE_LEVELS = %d has no effect with the official architecture (as in MaskDINO's code): "
+                    "the encoder reads DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = %s", p, n, feats)
+    elif len(feats) != n:
         raise ConfigError(
             f"{p}NUM_FEATURE_LEVELS = {n} disagrees with {p}DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = {feats}; "
             f"set NUM_FEATURE_LEVELS to {len(feats)}, or the features to {_LEVELS[4 - n:]} (or leave them at "
@@ -160,13 +171,20 @@ _ONE_VALUE = {
 }
 
 
+# one-value keys that official configs set otherwise without effect on instance results (accepted there)
+_NO_EFFECT_OFFICIALLY = (m + "TEST.OBJECT_MASK_THRESHOLD",)
+
+
 def check_one_value_keys(cfg) -> None:
     """Keys kept for MaskDINO configs that select nothing: another value than the supported one is an error."""
     from surgdino.errors import ConfigError
 
+    official = cfg.get("MODEL.MaskDINO.ARCHITECTURE") == "official"
     for key, (value, why) in _ONE_VALUE.items():
         got = cfg.get(key)
-        if got != value:
+        if got != value and official and key in _NO_EFFECT_OFFICIALLY:
+            logger.info("%s = %r has no effect on instance segmentation, in MaskDINO's code as here (%s)", key, got, why)
+        elif got != value:
             raise ConfigError(f"{key} = {got!r} is not supported: only {value!r} ({why}); remove the key or set "
                               f"it to {value!r}")
 

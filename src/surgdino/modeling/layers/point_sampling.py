@@ -21,18 +21,32 @@ def uncertain_point_coords(mask_logits: torch.Tensor, num_points: int, oversampl
     Draws ``num_points × oversample_ratio`` uniform candidates, keeps the ``importance_sample_ratio``
     share with the smallest |logit| and fills the rest uniformly → ``[K, num_points, 2]``.
     """
-    k = mask_logits.shape[0]
-    device = mask_logits.device
+    cand, fill = draw_uncertain_candidates(mask_logits.shape[0], num_points, oversample_ratio,
+                                           importance_sample_ratio, mask_logits.device)
+    return pick_uncertain_points(mask_logits, cand, fill, int(importance_sample_ratio * num_points))
+
+
+def draw_uncertain_candidates(k: int, num_points: int, oversample_ratio: float, importance_sample_ratio: float,
+                              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random draws of ``uncertain_point_coords`` for ``k`` masks, in its order: candidates
+    ``[K, num_points × oversample_ratio, 2]``, then the uniform fill ``[K, num_points - n_important, 2]``.
+    Drawing layer after layer and picking all layers' points in one batch later gives the same points."""
     n_cand = max(int(num_points * oversample_ratio), num_points)
-    n_imp = int(importance_sample_ratio * num_points)
-    n_rand = num_points - n_imp
+    n_rand = num_points - int(importance_sample_ratio * num_points)
     cand = torch.rand(k, n_cand, 2, device=device)  # [K, P*ratio, 2]
-    certainty = point_sample(mask_logits, cand)[:, 0].abs()  # [K, P*ratio]
-    idx = certainty.topk(n_imp, dim=1, largest=False, sorted=False).indices  # [K, n_imp]; order is irrelevant
+    fill = torch.rand(k, n_rand, 2, device=device) if n_rand > 0 else cand.new_empty(k, 0, 2)  # [K, n_rand, 2]
+    return cand, fill
+
+
+def pick_uncertain_points(mask_logits: torch.Tensor, cand: torch.Tensor, fill: torch.Tensor,
+                          n_important: int) -> torch.Tensor:
+    """The ``n_important`` candidates ``cand [K, n_cand, 2]`` with the smallest |logit| of ``mask_logits
+    [K, 1, h, w]``, then ``fill [K, n_rand, 2]`` → ``[K, n_important + n_rand, 2]``. Row by row, so
+    stacking several layers' rows gives each row the points it gets alone."""
+    certainty = point_sample(mask_logits, cand)[:, 0].abs()  # [K, n_cand]
+    idx = certainty.topk(n_important, dim=1, largest=False, sorted=False).indices  # [K, n_imp]; order is irrelevant
     chosen = torch.gather(cand, 1, idx[..., None].expand(-1, -1, 2))  # [K, n_imp, 2]
-    if n_rand > 0:
-        chosen = torch.cat([chosen, torch.rand(k, n_rand, 2, device=device)], dim=1)
-    return chosen
+    return torch.cat([chosen, fill], dim=1) if fill.shape[1] else chosen
 
 
 def sample_binary_masks(masks: torch.Tensor, index: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
