@@ -12,6 +12,10 @@ the process's max RSS on CPU) and is printed as a ratio to the peer measured in 
 
     python benchmarks/grounding_step.py --quick     # 256², 1 iteration each (CPU minutes)
     python benchmarks/grounding_step.py             # 512², 3 iterations
+    python benchmarks/grounding_step.py --interleave 2 --size 256 --threads 1   # loaded machine: see below
+
+``--interleave N``: the peer and ``ours-swint`` in one process, N alternating train steps each, timed in
+process CPU time (robust to other processes sharing the cores), printed per round as a ratio.
 """
 
 from __future__ import annotations
@@ -85,7 +89,7 @@ def _peer(args, device):
 
 
 def _ours_model(which, args, device):
-    from surgdino.modeling.grounding.criterion import TokenMatcher, TokenSetCriterion
+    from surgdino.modeling.grounding.build import token_criterion
     from surgdino.modeling.grounding.model import GroundingDINO
 
     if which == "ours-swint":
@@ -108,11 +112,13 @@ def _ours_model(which, args, device):
         model = GroundingDINO(backbone=SurgeryCLIPBackbone(vit, trainable_blocks=0), in_features=["res4"],
                               text_encoder=text, text_dim=text.hidden_size, num_feature_levels=1,
                               num_queries=args.queries, prompt_mode="pooled" if which == "ours-500" else "caption")
-    model.criterion = TokenSetCriterion(TokenMatcher())
+    model.criterion = token_criterion()
     return model.to(device).train()
 
 
 def _ours(which, args, device):
+    from surgdino.modeling.grounding.model import loss_view
+
     model = _ours_model(which, args, device)
     pix = torch.randn(args.batch, 3, args.size, args.size, device=device)
     pad = torch.zeros(args.batch, args.size, args.size, dtype=torch.bool, device=device)
@@ -132,9 +138,10 @@ def _ours(which, args, device):
     tg = _targets(args.batch, device, classes=20)
 
     def step():
-        targets = [{"boxes": x["boxes"], "token_maps": pmap[x["labels"]]} for x in tg]
+        targets = [{"boxes": x["boxes"], "labels": x["labels"], "class_vectors": (pmap[x["labels"]] > 0).float()}
+                   for x in tg]
         out = model.forward_tensors(pix, pad, **text())
-        sum(model.criterion(out, targets).values()).backward()
+        sum(model.criterion(loss_view(out), targets).values()).backward()
 
     def infer():
         with torch.no_grad():
@@ -172,6 +179,27 @@ def _run(which, args, queue):
     queue.put((which, statistics.median(times), peak, statistics.median(lat)))
 
 
+def _interleaved(args) -> None:
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    peer, peer_step, _ = _peer(args, device)
+    ours, ours_step, _ = _ours("ours-swint", args, device)
+    ratios = []
+    for r in range(args.interleave):
+        cpu = []
+        for model, step in ((ours, ours_step), (peer, peer_step)):
+            model.zero_grad(set_to_none=True)
+            t = time.process_time()
+            step()
+            cpu.append(time.process_time() - t)
+        ratios.append(cpu[0] / cpu[1])
+        print(f"round {r}: ours-swint {cpu[0]:.2f} s, peer {cpu[1]:.2f} s CPU: {ratios[-1]:.3f}x", flush=True)
+    print(f"median train-step CPU-time ratio, batch {args.batch} at {args.size}², {args.queries} queries: "
+          f"{statistics.median(ratios):.3f}x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -183,7 +211,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--only", nargs="*", default=["peer", "ours-swint", "ours-surgeryclip", "ours-500"])
     p.add_argument("--quick", action="store_true", help="256², 1 iteration, no warm-up")
+    p.add_argument("--interleave", type=int, default=0, help="N alternating peer / ours-swint steps in one process")
     args = p.parse_args()
+    if args.interleave:
+        _interleaved(args)
+        return
     if args.quick:
         args.size, args.iters, args.warmup = 256, 1, 0
     ctx = mp.get_context("spawn")

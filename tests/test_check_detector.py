@@ -73,7 +73,7 @@ def test_groundingdino_check_with_prompt(capsys):
                  "--sizes", "96x128", "64x96", *GDINO_TINY, "MODEL.GDINO.PROMPT_MODE", "pooled"])
     text = capsys.readouterr().out
     assert "prompt (pooled): 3 classes, 3 text tokens" in text
-    assert "text_encoder → 3x" in text and "decoder → {pred_logits: 2x2x30x" in text  # 2 layers, batch 2, 30 queries
+    assert "text_encoder → 3x" in text and "decoder → {pred_logits: 2x30x" in text  # batch 2, 30 queries
     assert "image 1: boxes" in text and "train step:" in text and "loss_giou" in text
     assert "frozen (no gradients by design): text_encoder" in text
     assert ("none for" in text) == (code == 1) and text.strip().endswith("OK" if code == 0 else "FAILED")

@@ -72,8 +72,8 @@ def test_single_stage_plus_stride2_levels_and_training_step():
     sum(losses.values()).backward()
     got = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     for part in ("backbone.stages.3.", "input_proj.0.", "input_proj.3.", "text_projection.", "query_embed.",
-                 "encoder.layers.0.fusion_layer.", "encoder.layers.0.text_enhancer_layer.",
-                 "encoder.layers.0.deformable_layer.", "selection.", "decoder.layers.1.", "decoder.bbox_embed."):
+                 "encoder.fusion_layers.0.", "encoder.text_layers.0.", "encoder.layers.0.", "decoder.enc_output.",
+                 "decoder.enc_bbox_embed.", "decoder.layers.1.", "decoder.bbox_embed."):
         assert any(n.startswith(part) for n in got), f"no gradient reaches {part}"
     # every stride-2 level's projection trains
     assert all(n in got for n, _ in model.input_proj.named_parameters(prefix="input_proj"))

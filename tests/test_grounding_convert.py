@@ -167,14 +167,14 @@ def test_fine_tuning_with_another_backbone_skips_mismatched_parts(tmp_path):
     finally:
         logger.removeHandler(handler)
     sd, ckpt = model.state_dict(), torch.load(out, weights_only=True)["model"]
-    assert torch.equal(sd["decoder.layers.1.fc1.weight"], ckpt["decoder.layers.1.fc1.weight"])  # level-free: loaded
-    assert torch.equal(sd["encoder.layers.0.fusion_layer.vision_param"], ckpt["encoder.layers.0.fusion_layer.vision_param"])
-    for k in ("decoder.layers.0.encoder_attn.sampling_offsets.weight", "input_proj.0.0.weight", "level_embed",
+    assert torch.equal(sd["decoder.layers.1.linear1.weight"], ckpt["decoder.layers.1.linear1.weight"])  # level-free: loaded
+    assert torch.equal(sd["encoder.fusion_layers.0.vision_param"], ckpt["encoder.fusion_layers.0.vision_param"])
+    for k in ("decoder.layers.0.cross_attn.sampling_offsets.weight", "input_proj.0.0.weight", "encoder.level_embed",
               "text_projection.weight", "backbone.stages.3.blocks.0.conv_dw.weight"):
         assert torch.equal(sd[k], before[k]), k  # 4 levels vs 1, Swin vs ConvNeXt, BERT-32 vs MiniLM: kept
     text = "\n".join(lines)
     skipped = next(line for line in lines if "skipped (shape mismatch" in line)
-    assert "decoder.layers.0.encoder_attn.sampling_offsets.weight: checkpoint" in skipped
+    assert "decoder.layers.0.cross_attn.sampling_offsets.weight: checkpoint" in skipped
     assert "in checkpoint but not in the model (ignored): backbone.body" in text
 
 

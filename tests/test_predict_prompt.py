@@ -57,7 +57,7 @@ def test_box_and_text_thresholds_follow_the_reference(weights):
     batch = batch_images([img], model.size_divisibility)
     with torch.no_grad():
         raw = model.forward_tensors(batch.tensors, batch.mask, **model.text_inputs(prompt, 1))
-    probs = raw["pred_logits"][-1, 0, :, : prompt.num_tokens].sigmoid()
+    probs = raw["pred_logits"][0, :, : prompt.num_tokens].sigmoid()
     in_name = prompt.positive_map.bool().any(0)
     best = probs[:, in_name].max(-1).values  # [Q]: the reference's score, over the names' tokens
     torch.testing.assert_close(everything["scores"], best.sort(descending=True).values)

@@ -45,8 +45,8 @@ GROUNDING_OUTPUTS = ("pred_logits", "pred_boxes")
 
 class GroundingExportModule(nn.Module):
     """A GroundingDINO for the fixed prompt of ``class_names``: ``images`` uint8 ``[B, 3, H, W]`` and
-    ``pad_mask`` as ``ExportModule`` → the last decoder layer's ``pred_logits [B, Q, Tmax]`` (token logits,
-    -inf beyond the prompt) and ``pred_boxes [B, Q, 4]`` (cxcywh normalised to each image's unpadded extent).
+    ``pad_mask`` as ``ExportModule`` → the last decoder layer's ``pred_logits [B, Q, T]`` (token logits
+    of the prompt's T tokens, -inf off the text) and ``pred_boxes [B, Q, 4]`` (cxcywh normalised to each image's unpadded extent).
 
     The text encoder runs once, here: its projected features and masks are buffers (constants of the
     graph); ``positive_map [C, T]`` maps tokens to classes for the post-processing."""
@@ -71,4 +71,4 @@ class GroundingExportModule(nn.Module):
         b = images.shape[0]
         text = {k: getattr(self, k).expand(b, *getattr(self, k).shape[1:]) for k in self.text_names}
         out = m.forward_tensors(x, pad_mask, **text)
-        return out["pred_logits"][-1], out["pred_boxes"][-1]
+        return out["pred_logits"], out["pred_boxes"]

@@ -26,7 +26,7 @@ GRAPH_DOC = ("inputs: images uint8 [B, 3, H, W] pixel values in the channel orde
              "free with H, W >= preprocess.min_side and multiples of preprocess.size_divisibility. "
              "Normalisation ((x - mean) / std, padding set to 0) is inside the graph. outputs: pred_logits [B, Q, C], "
              "pred_boxes [B, Q, 4] (cxcywh normalised to each image's unpadded extent), pred_embeds [B, Q, D], "
-             "mask_features [B, D, H/4, W/4] (kind instances) or pred_logits [B, Q, 256] token logits of the baked-in class-name "
+             "mask_features [B, D, H/4, W/4] (kind instances) or pred_logits [B, Q, T] token logits of the baked-in class-name "
              "prompt and pred_boxes [B, Q, 4] (kind grounding); post-processing is outside (surgdino.deploy.postprocess).")
 
 

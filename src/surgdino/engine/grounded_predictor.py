@@ -38,7 +38,7 @@ def grounded_detections(model: Any, image: torch.Tensor, out_size: tuple[int, in
     batch = batch_images([img], model.size_divisibility)
     prompt = model.prompt()
     raw = model.forward_tensors(batch.tensors, batch.mask, **model.text_inputs(prompt, 1))
-    out = threshold_detections(raw["pred_logits"][-1, 0], raw["pred_boxes"][-1, 0], prompt.positive_map, out_size,
+    out = threshold_detections(raw["pred_logits"][0], raw["pred_boxes"][0], prompt.positive_map, out_size,
                                box_threshold)
     probs = out.pop("probs")
     return dict(out, phrases=phrases(prompt, probs, text_threshold))

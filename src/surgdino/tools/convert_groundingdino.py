@@ -15,7 +15,7 @@ import re
 import torch
 
 from surgdino.errors import SurgDinoError
-from surgdino.modeling.grounding.hf import hf_to_ours, read_hf_folder
+from surgdino.modeling.grounding.hf import hf_state_to_ours, read_hf_folder
 
 _BB = "model.backbone.conv_encoder.model."
 _IDEA_BLOCK = (("norm1.", "layernorm_before."), ("norm2.", "layernorm_after."),
@@ -132,13 +132,9 @@ def convert_groundingdino(source: str, output: str) -> dict:
         layout = "IDEA"
     else:
         raise SurgDinoError(f"--source {source}: no such file or folder")
-    ours: dict[str, torch.Tensor] = {}
-    for k, v in hf.items():
-        new = hf_to_ours(k)
-        if new is None:
-            unmapped.append(k)
-        elif not (new.startswith("decoder.bbox_embed.") and k.startswith("model.") and new in ours):
-            ours[new] = v.contiguous()
+    converted, more = hf_state_to_ours(hf)
+    unmapped += more
+    ours = {k: v.contiguous() for k, v in converted.items()}
     if not ours:
         raise SurgDinoError(f"{source}: none of its weights are GroundingDINO weights")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

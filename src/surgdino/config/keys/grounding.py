@@ -60,10 +60,10 @@ d(t + "PATH", "", "str", "Local folder (bert) or checkpoint (surgeryclip) of the
 d(t + "FREEZE", True, "bool", "Text encoder weights get no gradient (the reference freezes BERT). [freeze_keywords = ['bert']]")
 d(t + "LR_MULT", 0.1, "float", "Learning rate of the text encoder = SOLVER.BASE_LR × this when it trains. [lr_backbone / lr]")
 # --- denoising (off by default as in the reference's released configs) ---
-d(g + "DN_NUMBER", 0, "int", "Denoising queries (0 = off, the default). [dn_number / use_dn]")
+d(g + "DN_NUMBER", 0, "int", "Denoising query budget in training (0 = off, the default, as the reference): noised ground-truth boxes whose content is the projected phrase feature of their class; groups = DN_NUMBER // most instances per image. [dn_number / use_dn]")
 d(g + "DN_BOX_NOISE_SCALE", 1.0, "float", "Box noise scale of denoising queries. [dn_box_noise_scale]")
-d(g + "DN_LABEL_NOISE_RATIO", 0.5, "float", "Fraction of denoising labels flipped. [dn_label_noise_ratio]")
-d(g + "DN_LABELBOOK_SIZE", 91, "int", "Size of the label embedding book of denoising queries. [dn_labelbook_size]")
+d(g + "DN_LABEL_NOISE_RATIO", 0.5, "float", "Fraction of denoising labels flipped to another class of the prompt (their content becomes that class's phrase feature). [dn_label_noise_ratio]")
+d(g + "DN_LABELBOOK_SIZE", 91, "int", "No effect: read from the reference's configs only. Denoising content comes from each class's phrase feature, so any number of prompt classes works without a label book. [dn_labelbook_size]")
 # --- matching and losses ---
 d(g + "FOCAL_ALPHA", 0.25, "float", "Focal loss alpha of the token-level class loss and cost. [focal_alpha]")
 d(g + "FOCAL_GAMMA", 2.0, "float", "Focal loss gamma. [focal_gamma]")

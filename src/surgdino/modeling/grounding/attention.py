@@ -1,8 +1,6 @@
-"""Attention blocks of GroundingDINO: multi-head attention with separate q/k/v projections, the
-image↔text bi-directional attention with layer scale, and the contrastive token head.
-
-Parameter names follow transformers' ``GroundingDino*`` modules so its checkpoints load by renaming
-prefixes only (``modeling/grounding/hf.py``).
+"""What GroundingDINO adds to the shared layers: the image↔text bi-directional attention with layer
+scale (GLIP's, no counterpart in the closed-set models), the text sine positions and the contrastive
+token head. Parameter names follow transformers' ``GroundingDino*`` modules (``modeling/grounding/hf.py``).
 """
 
 from __future__ import annotations
@@ -22,37 +20,6 @@ def sine_embedding_1d(pos: torch.Tensor, dim: int, temperature: float = 10000.0)
     dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / dim)
     x = pos.to(torch.float32)[..., None] * (2 * math.pi) / dim_t  # [B, T, dim]
     return torch.stack((x[..., 0::2].sin(), x[..., 1::2].cos()), dim=-1).flatten(-2)
-
-
-class MultiheadAttention(nn.Module):
-    """Scaled dot-product attention, batch first; ``mask`` is bool ``[B, Tq, Tk]`` or ``[B, Tk]``
-    with True = may NOT attend (padding / other phrase)."""
-
-    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.query = nn.Linear(dim, dim)
-        self.key = nn.Linear(dim, dim)
-        self.value = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
-        self.dropout = dropout
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        b, tq, d = q.shape
-        h = self.num_heads
-        qh = self.query(q).view(b, tq, h, d // h).transpose(1, 2)  # [B, h, Tq, d/h]
-        kh = self.key(k).view(b, -1, h, d // h).transpose(1, 2)
-        vh = self.value(v).view(b, -1, h, d // h).transpose(1, 2)
-        attn_mask = None
-        if mask is not None:
-            m = mask[:, None, None, :] if mask.dim() == 2 else mask[:, None]  # [B, 1, Tq|1, Tk]
-            attn_mask = torch.zeros(m.shape, dtype=q.dtype, device=q.device).masked_fill(m, torch.finfo(q.dtype).min)
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask,
-                                             dropout_p=self.dropout if self.training else 0.0)
-        return self.out_proj(out.transpose(1, 2).reshape(b, tq, d))
 
 
 class BiAttention(nn.Module):
@@ -127,41 +94,10 @@ class FusionLayer(nn.Module):
         return vision + self.drop_path(self.vision_param * dv), text + self.drop_path(self.text_param * dt)
 
 
-def activation_fn(name: str):
-    return {"relu": F.relu, "gelu": F.gelu}[name]
-
-
-class TextEnhancerLayer(nn.Module):
-    """Post-norm text self-attention (restricted by the sub-sentence mask) + FFN, half the image width."""
-
-    def __init__(self, dim: int, ffn_dim: int, num_heads: int, dropout: float = 0.0, activation: str = "relu"):
-        super().__init__()
-        self.self_attn = MultiheadAttention(dim, num_heads)
-        self.fc1 = nn.Linear(dim, ffn_dim)
-        self.fc2 = nn.Linear(ffn_dim, dim)
-        self.layer_norm_before = nn.LayerNorm(dim)
-        self.layer_norm_after = nn.LayerNorm(dim)
-        self.dropout = nn.Dropout(dropout)
-        self.act = activation_fn(activation)
-
-    def forward(self, text: torch.Tensor, blocked: torch.Tensor | None, pos: torch.Tensor | None) -> torch.Tensor:
-        """text [B, T, D]; blocked [B, T, T] True = may not attend; pos [B, T, D]."""
-        q = text if pos is None else text + pos
-        text = self.layer_norm_before(text + self.dropout(self.self_attn(q, q, text, blocked)))
-        out = self.fc2(self.dropout(self.act(self.fc1(text))))
-        return self.layer_norm_after(text + self.dropout(out))
-
-
 class ContrastiveHead(nn.Module):
-    """Class logits as dot products of query and text-token features: ``[B, Q, max_text_len]``,
-    -inf on tokens outside the text (and on padding up to ``max_text_len``)."""
-
-    def __init__(self, max_text_len: int = 256):
-        super().__init__()
-        self.max_text_len = max_text_len
+    """Class logits as dot products of query and text-token features: ``[B, Q, T]``, -inf on tokens
+    outside the text (transformers pads them to ``max_text_len`` with -inf: ``GroundingDINO.forward_hf``)."""
 
     def forward(self, queries: torch.Tensor, text: torch.Tensor, text_valid: torch.Tensor) -> torch.Tensor:
         logits = queries @ text.transpose(-1, -2)  # [B, Q, T]
-        logits = logits.masked_fill(~text_valid[:, None, :], float("-inf"))
-        width = max(self.max_text_len, logits.shape[-1])
-        return F.pad(logits, (0, width - logits.shape[-1]), value=float("-inf"))
+        return logits.masked_fill(~text_valid[:, None, :], float("-inf"))

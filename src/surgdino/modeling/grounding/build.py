@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from surgdino.errors import ConfigError
 from surgdino.modeling.backbone import build_backbone
-from surgdino.modeling.grounding.criterion import TokenMatcher, TokenSetCriterion
 from surgdino.modeling.grounding.postprocess import GroundingPostProcessor
 from surgdino.modeling.grounding.text_encoders import text_encoder_from_config
+from surgdino.modeling.maskdino.criterion import SetCriterion
+from surgdino.modeling.maskdino.matcher import HungarianMatcher
 
 
 def in_features_for(indices: list[int], shapes: dict) -> list[str]:
@@ -22,20 +23,33 @@ def in_features_for(indices: list[int], shapes: dict) -> list[str]:
     return [names[i - offset] for i in indices]
 
 
+def token_criterion(*, cost_class: float = 1.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
+                    cls_loss_coef: float = 2.0, bbox_loss_coef: float = 5.0, giou_loss_coef: float = 2.0,
+                    interm_loss_coef: float = 1.0, no_interm_box_loss: bool = False, aux_loss: bool = True,
+                    focal_alpha: float = 0.25, focal_gamma: float = 2.0) -> SetCriterion:
+    """The shared matcher and criterion on token maps: focal token cost/loss (targets' ``class_vectors``,
+    the outputs' ``logit_mask``), box L1 and GIoU; no mask terms."""
+    matcher = HungarianMatcher(cost_class=cost_class, cost_mask=0.0, cost_dice=0.0, cost_box=cost_bbox,
+                               cost_giou=cost_giou, focal_alpha=focal_alpha, focal_gamma=focal_gamma)
+    return SetCriterion(num_classes=0, matcher=matcher, focal_alpha=focal_alpha, focal_gamma=focal_gamma,
+                        weight_dict={"loss_ce": cls_loss_coef, "loss_bbox": bbox_loss_coef, "loss_giou": giou_loss_coef},
+                        dn="box", deep_supervision=aux_loss, interm_weight=interm_loss_coef,
+                        interm_box_loss=not no_interm_box_loss)
+
+
 def grounding_dino_kwargs(cfg) -> dict:
     g = cfg.MODEL.GDINO
-    if g.DN_NUMBER != 0:
-        raise ConfigError(f"MODEL.GDINO.DN_NUMBER = {g.DN_NUMBER}: denoising queries are not implemented for "
-                          "GroundingDINO yet (the reference's released configs train without them); set 0")
+    if g.DN_NUMBER < 0:
+        raise ConfigError(f"MODEL.GDINO.DN_NUMBER = {g.DN_NUMBER}: give 0 (off, the default) or a query budget > 0")
     if g.ENC_LOSS_COEF != 1.0:
         raise ConfigError("MODEL.GDINO.ENC_LOSS_COEF has no effect in GroundingDINO (the reference builds no "
                           "enc_outputs); the selected proposals' losses use INTERM_LOSS_COEF; leave it 1.0")
     backbone = build_backbone(cfg)
     in_features = in_features_for(list(g.RETURN_INTERM_INDICES), backbone.output_shape())
     text_encoder = text_encoder_from_config(cfg)
-    matcher = TokenMatcher(g.SET_COST_CLASS, g.SET_COST_BBOX, g.SET_COST_GIOU, g.FOCAL_ALPHA, g.FOCAL_GAMMA)
-    criterion = TokenSetCriterion(
-        matcher, cls_loss_coef=g.CLS_LOSS_COEF, bbox_loss_coef=g.BBOX_LOSS_COEF, giou_loss_coef=g.GIOU_LOSS_COEF,
+    criterion = token_criterion(
+        cost_class=g.SET_COST_CLASS, cost_bbox=g.SET_COST_BBOX, cost_giou=g.SET_COST_GIOU,
+        cls_loss_coef=g.CLS_LOSS_COEF, bbox_loss_coef=g.BBOX_LOSS_COEF, giou_loss_coef=g.GIOU_LOSS_COEF,
         interm_loss_coef=g.INTERM_LOSS_COEF, no_interm_box_loss=g.NO_INTERM_BOX_LOSS, aux_loss=g.AUX_LOSS,
         focal_alpha=g.FOCAL_ALPHA, focal_gamma=g.FOCAL_GAMMA)
     return dict(
@@ -48,7 +62,8 @@ def grounding_dino_kwargs(cfg) -> dict:
         max_text_len=g.MAX_TEXT_LEN, use_text_enhancer=g.USE_TEXT_ENHANCER, use_fusion_layer=g.USE_FUSION_LAYER,
         use_text_cross_attention=g.USE_TEXT_CROSS_ATTENTION, text_dropout=g.TEXT_DROPOUT,
         fusion_dropout=g.FUSION_DROPOUT, fusion_droppath=g.FUSION_DROPPATH,
-        sub_sentence_present=g.SUB_SENTENCE_PRESENT, prompt_mode=g.PROMPT_MODE, class_names=list(g.CLASS_NAMES),
+        sub_sentence_present=g.SUB_SENTENCE_PRESENT, dn_number=g.DN_NUMBER, dn_box_noise_scale=g.DN_BOX_NOISE_SCALE,
+        dn_label_noise_ratio=g.DN_LABEL_NOISE_RATIO, prompt_mode=g.PROMPT_MODE, class_names=list(g.CLASS_NAMES),
         criterion=criterion, postprocessor=GroundingPostProcessor(num_select=g.NUM_SELECT,
                                                                   score_threshold=cfg.TEST.SCORE_THRESHOLD),
         pixel_mean=cfg.MODEL.PIXEL_MEAN, pixel_std=cfg.MODEL.PIXEL_STD, size_divisibility=cfg.INPUT.SIZE_DIVISIBILITY)

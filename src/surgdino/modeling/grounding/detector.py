@@ -12,11 +12,10 @@ import inspect
 import torch
 from torch import nn
 
-from surgdino.modeling.grounding.decoder import GroundingDecoder
+from surgdino.modeling.grounding.decoder import GroundingDecoder, TextDecoderInputs
 from surgdino.modeling.grounding.encoder import FeatureEnhancer
-from surgdino.modeling.grounding.selection import QuerySelection
-from surgdino.modeling.layers import PositionEmbeddingSine
-from surgdino.modeling.layers.geometry import valid_ratios
+from surgdino.modeling.grounding.prompts import delimiter_mask, sub_sentence_mask
+from surgdino.modeling.maskdino.dn import DNQueries, prepare_for_dn
 from surgdino.structures import resize_mask
 
 # BERT ids of [CLS], [SEP], "." and "?": the phrase delimiters of the reference's captions
@@ -25,23 +24,9 @@ BERT_SPECIAL_TOKENS = (101, 102, 1012, 1029)
 
 def phrase_masks(input_ids: torch.Tensor, special_ids: tuple[int, ...] = BERT_SPECIAL_TOKENS
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sub-sentence attention and per-phrase position ids of captions ``[B, T]``: a phrase is the tokens
-    after one delimiter up to and including the next; phrase tokens see each other, every other token only
-    itself. → (allowed [B, T, T] bool, position_ids [B, T], restarting at 0 per phrase).
-
-    TODO(replace): minimal local version until gtext's ``modeling/grounding/prompts.py`` is on main."""
-    b, t = input_ids.shape
-    dev = input_ids.device
-    special = torch.isin(input_ids, torch.tensor(special_ids, device=dev))
-    idx = torch.arange(t, device=dev).expand(b, -1)
-    end = torch.where(special, idx, torch.full_like(idx, t)).flip(1).cummin(1)[0].flip(1)  # next delimiter >= i
-    prev = torch.where(special, idx, torch.full_like(idx, -1)).cummax(1)[0]
-    prev = torch.cat([prev.new_full((b, 1), -1), prev[:, :-1]], 1)  # last delimiter < i
-    in_phrase = (end != 0) & (end != t - 1) & (end != t)
-    allowed = (end[:, :, None] == end[:, None, :]) & in_phrase[:, None, :] & in_phrase[:, :, None]
-    allowed = allowed | torch.eye(t, dtype=torch.bool, device=dev)
-    position_ids = torch.where(in_phrase, idx - prev - 1, torch.zeros_like(idx))
-    return allowed, position_ids
+    """Sub-sentence attention (allowed ``[B, T, T]``) and per-phrase position ids ``[B, T]`` of captions
+    ``[B, T]`` whose delimiters are ``special_ids`` (transformers' inputs: every "." delimits)."""
+    return sub_sentence_mask(delimiter_mask(input_ids, special_ids))
 
 
 def _conv_gn(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Sequential:
@@ -59,7 +44,8 @@ class GroundingDINODetector(nn.Module):
                  dec_pred_bbox_embed_share: bool = True, max_text_len: int = 256, use_text_enhancer: bool = True,
                  use_fusion_layer: bool = True, use_text_cross_attention: bool = True, text_dropout: float = 0.0,
                  fusion_dropout: float = 0.0, fusion_droppath: float = 0.1, sub_sentence_present: bool = True,
-                 encoder_ffn_dim: int | None = None, text_ffn_dim: int | None = None):
+                 encoder_ffn_dim: int | None = None, text_ffn_dim: int | None = None, dn_number: int = 0,
+                 dn_box_noise_scale: float = 1.0, dn_label_noise_ratio: float = 0.5):
         super().__init__()
         shapes = backbone.output_shape()
         missing = [f for f in in_features if f not in shapes]
@@ -83,35 +69,39 @@ class GroundingDINODetector(nn.Module):
         for p in self.input_proj:
             nn.init.xavier_uniform_(p[0].weight, gain=1)
             nn.init.zeros_(p[0].bias)
-        self.position_embedding = PositionEmbeddingSine(hidden_dim // 2, temperature=pe_temperature, normalize=True)
-        self.level_embed = nn.Parameter(torch.randn(num_feature_levels, hidden_dim))
         self.text_encoder = text_encoder
         self.text_projection = nn.Linear(text_dim, hidden_dim)
         nn.init.zeros_(self.text_projection.bias)
         nn.init.xavier_uniform_(self.text_projection.weight)
+        self.num_queries = num_queries
         self.query_embed = nn.Embedding(num_queries, hidden_dim) if embed_init_tgt else None
-        ffn_enc = encoder_ffn_dim or dim_feedforward
         self.encoder = FeatureEnhancer(
-            num_layers=enc_layers, dim=hidden_dim, ffn_dim=ffn_enc, n_levels=num_feature_levels, n_heads=nheads,
-            n_points=enc_n_points, dropout=dropout, text_dropout=text_dropout, fusion_dropout=fusion_dropout,
-            fusion_droppath=fusion_droppath, activation=activation, use_fusion=use_fusion_layer,
-            use_text_enhancer=use_text_enhancer)
+            num_layers=enc_layers, dim=hidden_dim, ffn_dim=encoder_ffn_dim or dim_feedforward,
+            n_levels=num_feature_levels, n_heads=nheads, n_points=enc_n_points, dropout=dropout,
+            text_dropout=text_dropout, fusion_dropout=fusion_dropout, fusion_droppath=fusion_droppath,
+            activation=activation, use_fusion=use_fusion_layer, use_text_enhancer=use_text_enhancer,
+            pe_temperature=pe_temperature)
         self.decoder = GroundingDecoder(
             num_layers=dec_layers, dim=hidden_dim, ffn_dim=dim_feedforward, n_levels=num_feature_levels,
             n_heads=nheads, n_points=dec_n_points, dropout=dropout, activation=activation,
-            use_text_cross_attention=use_text_cross_attention, max_text_len=max_text_len,
-            share_box_head=dec_pred_bbox_embed_share)
-        shared = self.decoder.bbox_embed[0] if two_stage_bbox_embed_share and dec_pred_bbox_embed_share else None
-        self.selection = QuerySelection(hidden_dim, num_queries, max_text_len, bbox_embed=shared)
+            use_text_cross_attention=use_text_cross_attention, share_box_head=dec_pred_bbox_embed_share,
+            two_stage_bbox_embed_share=two_stage_bbox_embed_share)
+        self.dn_number, self.dn_box_noise_scale, self.dn_label_noise_ratio = dn_number, dn_box_noise_scale, dn_label_noise_ratio
+        # denoising content: a projection of the class's phrase feature (mean of its text tokens)
+        self.dn_label_proj = nn.Linear(hidden_dim, hidden_dim) if dn_number > 0 else None
 
     # --- text ---
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     token_type_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Token ids ``[B, T]`` of captions → ``text [B, T', D]`` (projected), ``text_valid [B, T']``,
         ``text_blocked [B, T', T']``, ``text_position_ids [B, T']`` with ``T' = min(T, max_text_len)``."""
-        t = min(input_ids.shape[1], self.max_text_len)
+        b, t = input_ids.shape[0], min(input_ids.shape[1], self.max_text_len)
         input_ids, attention_mask = input_ids[:, :t], attention_mask[:, :t].bool()
         token_type_ids = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids[:, :t]
+        # one caption for the whole batch (the usual case): encode it once and expand
+        same = b > 1 and all(bool((x == x[:1]).all()) for x in (input_ids, attention_mask, token_type_ids))
+        if same:
+            input_ids, attention_mask, token_type_ids = input_ids[:1], attention_mask[:1], token_type_ids[:1]
         if self.sub_sentence_present:
             allowed, position_ids = phrase_masks(input_ids)
             feats = self.text_encoder(input_ids, allowed, position_ids=position_ids, token_type_ids=token_type_ids)
@@ -119,8 +109,9 @@ class GroundingDINODetector(nn.Module):
             allowed = attention_mask[:, None, :] & attention_mask[:, :, None]
             position_ids = None
             feats = self.text_encoder(input_ids, attention_mask, token_type_ids=token_type_ids)
-        return {"text": self.text_projection(feats), "text_valid": attention_mask, "text_blocked": ~allowed,
-                "text_position_ids": position_ids}
+        out = {"text": self.text_projection(feats), "text_valid": attention_mask, "text_blocked": ~allowed,
+               "text_position_ids": position_ids}
+        return {k: v.expand(b, *v.shape[1:]) if same and v is not None else v for k, v in out.items()}
 
     # --- image ---
     def image_levels(self, images: torch.Tensor, pad_mask: torch.Tensor
@@ -140,25 +131,36 @@ class GroundingDINODetector(nn.Module):
             masks.append(resize_mask(pad_mask, x.shape[-2:]))
         return maps, masks
 
+    def denoising(self, targets: list[dict] | None, class_maps: torch.Tensor | None, text: torch.Tensor,
+                  num_queries: int) -> DNQueries | None:
+        """DINO's denoising queries (``prepare_for_dn``, MaskDINO's): noised ground-truth boxes; the content
+        of a query is the projected phrase feature of its (possibly flipped) class, ``class_maps [C, T]``."""
+        if not (self.training and self.dn_number > 0 and targets is not None and class_maps is not None):
+            return None
+        weights = class_maps.to(text.dtype)
+        weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-6)
+        class_feats = torch.einsum("ct,btd->bcd", weights, text)  # [B, C, D]
+
+        def label_enc(labels: torch.Tensor) -> torch.Tensor:  # [B, N] class indices → [B, N, D]
+            return self.dn_label_proj(torch.gather(class_feats, 1, labels[..., None].expand(-1, -1, text.shape[-1])))
+
+        return prepare_for_dn(targets, dn_num=self.dn_number, noise_scale=self.dn_box_noise_scale,
+                              label_noise_ratio=self.dn_label_noise_ratio, num_classes=class_maps.shape[0],
+                              label_enc=label_enc, num_queries=num_queries, device=text.device)
+
     def forward_tensors(self, images: torch.Tensor, pad_mask: torch.Tensor, text: torch.Tensor,
                         text_valid: torch.Tensor, text_blocked: torch.Tensor | None = None,
-                        text_position_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """→ ``pred_logits [N, B, Q, Tmax]`` and ``pred_boxes [N, B, Q, 4]`` (every decoder layer, normalised
-        cxcywh), ``enc_pred_logits [B, Q, Tmax]``, ``enc_pred_boxes [B, Q, 4]``, ``text_valid [B, T]``."""
+                        text_position_ids: torch.Tensor | None = None, targets: list[dict] | None = None,
+                        class_maps: torch.Tensor | None = None) -> dict:
+        """→ the last decoder layer's ``pred_logits [B, Q, T]`` (-inf off the text) and ``pred_boxes [B, Q, 4]``
+        (normalised cxcywh), ``aux_outputs`` (earlier layers), ``interm_outputs`` (selected encoder tokens),
+        ``text_valid [B, T]``; in training with ``targets`` and ``class_maps`` and denoising on, ``dn_outputs``
+        and ``dn_meta`` (the shared ``SetCriterion``'s layout)."""
         maps, masks = self.image_levels(images, pad_mask)
-        shapes = [tuple(int(s) for s in m.shape[-2:]) for m in maps]
-        src = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], 1)  # [B, S, D]
-        pad = torch.cat([m.flatten(1) for m in masks], 1)  # [B, S]
-        pos = torch.cat([(self.position_embedding(x, m).to(x.dtype).flatten(2).transpose(1, 2)
-                          + self.level_embed[lvl]) for lvl, (x, m) in enumerate(zip(maps, masks))], 1)
-        ratios = valid_ratios(masks).to(src.dtype)  # [B, L, 2]
-        memory, text = self.encoder(src, pos, pad, shapes, ratios, text, ~text_valid, text_blocked,
-                                    text_position_ids)
-        sel = self.selection(memory, pad, shapes, text, text_valid)
-        b = memory.shape[0]
-        k = sel["ref_boxes"].shape[1]
-        tgt = self.query_embed.weight[:k][None].expand(b, -1, -1) if self.query_embed is not None else sel["queries"]
-        out = self.decoder(tgt, sel["ref_boxes"], memory, pad, shapes, ratios, text, text_valid)
-        out.update(enc_pred_logits=sel["enc_pred_logits"], enc_pred_boxes=sel["enc_pred_boxes"],
-                   text_valid=text_valid)
+        memory, levels, text = self.encoder(maps, masks, text, ~text_valid, text_blocked, text_position_ids)
+        inputs = TextDecoderInputs(memory=memory, memory_mask=levels.mask, shapes=levels.shapes,
+                                   ratios=levels.ratios, text=text, text_valid=text_valid)
+        out = self.decoder(inputs, self.num_queries, None if self.query_embed is None else self.query_embed.weight,
+                           lambda k: self.denoising(targets, class_maps, text, k))
+        out["text_valid"] = text_valid
         return out

@@ -25,17 +25,30 @@ _RENAMES = (  # transformers prefix → ours, first match wins
     ("model.text_backbone.", "text_encoder.model."),
     ("model.text_projection.", "text_projection."),
     ("model.query_position_embeddings.", "query_embed."),
-    ("model.level_embed", "level_embed"),
-    ("model.encoder.layers.", "encoder.layers."),
+    ("model.level_embed", "encoder.level_embed"),
     ("model.decoder.layers.", "decoder.layers."),
-    ("model.decoder.layer_norm.", "decoder.layer_norm."),
-    ("model.decoder.reference_points_head.", "decoder.reference_points_head."),
+    ("model.decoder.layer_norm.", "decoder.decoder_norm."),
+    ("model.decoder.reference_points_head.", "decoder.ref_point_head."),
     ("model.decoder.bbox_embed.", "decoder.bbox_embed."),
     ("bbox_embed.", "decoder.bbox_embed."),
-    ("model.enc_output_norm.", "selection.enc_output_norm."),
-    ("model.enc_output.", "selection.enc_output."),
-    ("model.encoder_output_bbox_embed.", "selection.bbox_embed."),
+    ("model.enc_output_norm.", "decoder.enc_output_norm."),
+    ("model.enc_output.", "decoder.enc_output."),
+    ("model.encoder_output_bbox_embed.", "decoder.enc_bbox_embed."),
 )
+# inside a layer: transformers' sublayer names → the shared layers' (``layers/blocks.py``), first match wins
+_ENCODER_LAYER = re.compile(r"^model\.encoder\.layers\.(\d+)\.(fusion_layer|text_enhancer_layer|deformable_layer)\.(.*)$")
+_ENCODER_PARTS = {"fusion_layer": "fusion_layers", "text_enhancer_layer": "text_layers", "deformable_layer": "layers"}
+_TEXT_LAYER = (("layer_norm_before.", "norm1."), ("layer_norm_after.", "norm2."), ("fc1.", "linear1."),
+               ("fc2.", "linear2."))
+_DEFORMABLE_LAYER = (("self_attn_layer_norm.", "norm1."), ("final_layer_norm.", "norm2."), ("fc1.", "linear1."),
+                     ("fc2.", "linear2."))
+_DECODER_LAYER = (("self_attn_layer_norm.", "norm1."), ("encoder_attn_text_layer_norm.", "text_norm."),
+                  ("encoder_attn_text.", "text_cross_attn."), ("encoder_attn_layer_norm.", "norm2."),
+                  ("encoder_attn.", "cross_attn."), ("final_layer_norm.", "norm3."), ("fc1.", "linear1."),
+                  ("fc2.", "linear2."))
+# separate q/k/v projections of transformers → the packed ``in_proj_*`` of nn.MultiheadAttention
+_QKV = re.compile(r"^((?:encoder\.text_layers|decoder\.layers)\.\d+\.(?:self_attn|text_cross_attn))\."
+                  r"(query|key|value)\.(weight|bias)$")
 _IGNORED = re.compile(r"(relative_position_index|num_batches_tracked|position_ids$|\.embeddings\.token_type_ids$)")
 
 
@@ -71,15 +84,59 @@ def _swin_current(name: str) -> str:
     return "swin." + name if name.startswith(("encoder.", "embeddings.")) else name
 
 
+def _sub(rest: str, table) -> str:
+    for old, new in table:
+        if rest.startswith(old):
+            return new + rest[len(old):]
+    return rest
+
+
 def hf_to_ours(name: str) -> str | None:
-    """A transformers ``GroundingDinoForObjectDetection`` weight name → ours (None: not a weight of ours)."""
+    """A transformers ``GroundingDinoForObjectDetection`` weight name → ours (None: not a weight of ours).
+    q/k/v projections of attentions that are ``nn.MultiheadAttention`` in ours map to ``….query.weight``
+    etc. under our module's name; ``hf_state_to_ours`` packs them."""
+    if m := _ENCODER_LAYER.match(name):
+        rest = m[3]
+        if m[2] == "text_enhancer_layer":
+            rest = _sub(rest, _TEXT_LAYER)
+        elif m[2] == "deformable_layer":
+            rest = _sub(rest, _DEFORMABLE_LAYER)
+        return f"encoder.{_ENCODER_PARTS[m[2]]}.{m[1]}.{rest}"
     for old, new in _RENAMES:
         if name.startswith(old):
             out = new + name[len(old):]
             if out.startswith("backbone.body."):
                 out = "backbone.body." + _swin_current(out[len("backbone.body."):])
+            elif out.startswith("decoder.layers."):
+                idx, _, rest = out[len("decoder.layers."):].partition(".")
+                out = f"decoder.layers.{idx}.{_sub(rest, _DECODER_LAYER)}"
             return out
     return None
+
+
+def hf_state_to_ours(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """transformers weights → ours: renamed, q/k/v packed into ``in_proj_weight``/``in_proj_bias`` (q, k, v
+    order), the top-level ``bbox_embed`` copy winning over the decoder's tied one. Returns (ours, unmapped)."""
+    out: dict[str, torch.Tensor] = {}
+    packs: dict[str, dict[str, torch.Tensor]] = {}
+    unmapped: list[str] = []
+    for k, v in state.items():
+        new = hf_to_ours(k)
+        if new is None:
+            unmapped.append(k)
+            continue
+        if m := _QKV.match(new):
+            packs.setdefault(f"{m[1]}.in_proj_{m[3]}", {})[m[2]] = v
+            continue
+        if new.startswith("decoder.bbox_embed.") and k.startswith("model.") and new in out:
+            continue  # the top-level bbox_embed copy wins over the decoder's tied copy
+        out[new] = v
+    for name, parts in packs.items():
+        if set(parts) != {"query", "key", "value"}:
+            unmapped.extend(f"{name} ({p})" for p in parts)
+            continue
+        out[name] = torch.cat([parts["query"], parts["key"], parts["value"]], 0)
+    return out, unmapped
 
 
 def detector_kwargs(config) -> dict:
@@ -135,16 +192,10 @@ def load_hf_state_dict(model: nn.Module, hf_state: dict[str, torch.Tensor], sour
     """Copy renamed transformers weights into ``model``; names tied in ours (shared box heads) take any
     loaded alias. Raises when a weight of ours is left without a value or a checkpoint weight is unused."""
     ours = model.state_dict(keep_vars=True)
-    mapped, unused = {}, []
-    for k, v in hf_state.items():
-        new = hf_to_ours(k)
-        if new is None or new not in ours:
-            if not _IGNORED.search(k):
-                unused.append(k)
-            continue
-        if new.startswith("decoder.bbox_embed.") and k.startswith("model.") and new in mapped:
-            continue  # the top-level bbox_embed copy wins over the decoder's tied copy
-        mapped[new] = v
+    converted, unmapped = hf_state_to_ours(hf_state)
+    mapped = {k: v for k, v in converted.items() if k in ours}
+    unused = [k for k in unmapped if not _IGNORED.search(k)]
+    unused += [k for k in converted if k not in ours and not _IGNORED.search(k)]
     by_ptr: dict[int, list[str]] = {}
     for k, t in ours.items():
         by_ptr.setdefault(t.data_ptr(), []).append(k)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from surgdino.errors import SurgDinoError
 from surgdino.modeling.grounding.detector import GroundingDINODetector
@@ -17,6 +18,20 @@ from surgdino.modeling.grounding.prompts import TokenizedPrompt, encode_prompt, 
 from surgdino.modeling.layers.geometry import box_xyxy_to_cxcywh
 from surgdino.registry import META_ARCH_REGISTRY
 from surgdino.structures import batch_images
+
+
+def loss_view(out: dict) -> dict:
+    """The detector's outputs as the shared ``SetCriterion`` reads them: every prediction's token logits
+    finite (0 off the text, where the focal loss must not see -inf) with ``logit_mask`` = the text tokens."""
+    valid = out["text_valid"]
+
+    def view(p: dict) -> dict:
+        return dict(p, pred_logits=p["pred_logits"].masked_fill(~valid[:, None], 0.0), logit_mask=valid)
+
+    res = dict(view(out), aux_outputs=[view(p) for p in out["aux_outputs"]], interm_outputs=view(out["interm_outputs"]))
+    if "dn_outputs" in out:
+        res["dn_outputs"] = [view(p) for p in out["dn_outputs"]]
+    return res
 
 
 @META_ARCH_REGISTRY.register("GroundingDINO")
@@ -65,7 +80,9 @@ class GroundingDINO(GroundingDINODetector):
                else ~pixel_mask.bool())
         text = self.encode_text(input_ids, attention_mask, token_type_ids)
         out = self.forward_tensors(pixel_values, pad, **text)
-        return {"logits": out["pred_logits"][-1], "pred_boxes": out["pred_boxes"][-1]}
+        logits = out["pred_logits"]  # [B, Q, T]; transformers pads the tokens to max_text_len with -inf
+        logits = F.pad(logits, (0, max(self.max_text_len - logits.shape[-1], 0)), value=float("-inf"))
+        return {"logits": logits, "pred_boxes": out["pred_boxes"]}
 
     # --- the engine's interface ---
     def set_class_names(self, names: Sequence[str]) -> None:
@@ -111,7 +128,7 @@ class GroundingDINO(GroundingDINODetector):
             scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=dev)
             labels = inst["classes"].to(dev).long()
             out.append({"boxes": box_xyxy_to_cxcywh(inst["boxes"].to(dev).float() / scale),
-                        "token_maps": pmap[labels], "labels": labels})
+                        "class_vectors": (pmap[labels] > 0).float(), "labels": labels})
         return out
 
     def forward(self, batched_inputs: list[dict]):
@@ -121,13 +138,17 @@ class GroundingDINO(GroundingDINODetector):
         images = [(x["image"].to(dev).float() - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         batch = batch_images(images, self.size_divisibility)
         prompt = self.prompt()
-        out = self.forward_tensors(batch.tensors, batch.mask, **self.text_inputs(prompt, len(images)))
+        text = self.text_inputs(prompt, len(images))
         if self.training:
-            return self.criterion(out, self._targets(batched_inputs, prompt))
+            targets = self._targets(batched_inputs, prompt)
+            out = self.forward_tensors(batch.tensors, batch.mask, **text, targets=targets,
+                                       class_maps=prompt.positive_map.to(dev))
+            return self.criterion(loss_view(out), targets)
+        out = self.forward_tensors(batch.tensors, batch.mask, **text)
         results = []
         for i, x in enumerate(batched_inputs):
             h, w = images[i].shape[-2:]
-            results.append(self.postprocessor(out["pred_logits"][-1, i], out["pred_boxes"][-1, i],
+            results.append(self.postprocessor(out["pred_logits"][i], out["pred_boxes"][i],
                                               prompt.positive_map.to(dev),
                                               out_size=(int(x.get("height", h)), int(x.get("width", w)))))
         return results

@@ -21,6 +21,8 @@ from torch import nn
 
 from surgdino.modeling.layers.ms_deform_attn import MSDeformAttn
 
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
 
 class PostNormLayer(nn.Module):
     """Base of the layers below: subclasses create their sublayers, then ``add_ffn`` (which names the FFN's
@@ -28,18 +30,22 @@ class PostNormLayer(nn.Module):
 
     dropout: nn.Dropout
 
-    def add_ffn(self, d_model: int, d_ffn: int, norm: str) -> None:
-        """Create ``linear1 [D → F]``, ``linear2 [F → D]`` and the LayerNorm ``norm`` after them."""
+    def add_ffn(self, d_model: int, d_ffn: int, norm: str, activation: str = "relu") -> None:
+        """Create ``linear1 [D → F]``, ``linear2 [F → D]`` and the LayerNorm ``norm`` after them;
+        ``activation`` (``relu`` or ``gelu``) between the linears."""
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation {activation!r}: use one of {sorted(ACTIVATIONS)}")
         self.linear1 = nn.Linear(d_model, d_ffn)
         self.linear2 = nn.Linear(d_ffn, d_model)
         setattr(self, norm, nn.LayerNorm(d_model))
         self._ffn_norm = norm
+        self._act = ACTIVATIONS[activation]
 
     def residual(self, x: torch.Tensor, out: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         return norm(x + self.dropout(out))
 
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
-        return self.residual(x, self.linear2(self.dropout(F.relu(self.linear1(x)))), getattr(self, self._ffn_norm))
+        return self.residual(x, self.linear2(self.dropout(self._act(self.linear1(x)))), getattr(self, self._ffn_norm))
 
     @staticmethod
     def attend(attn: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -53,11 +59,11 @@ class _AttentionFFNLayer(PostNormLayer):
 
     attn_name = "self_attn"
 
-    def __init__(self, d_model: int, d_ffn: int, dropout: float, n_heads: int):
+    def __init__(self, d_model: int, d_ffn: int, dropout: float, n_heads: int, activation: str = "relu"):
         super().__init__()
         setattr(self, self.attn_name, nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True))
         self.norm1 = nn.LayerNorm(d_model)
-        self.add_ffn(d_model, d_ffn, "norm2")
+        self.add_ffn(d_model, d_ffn, "norm2", activation)
         self.dropout = nn.Dropout(dropout)
 
 
@@ -91,11 +97,11 @@ class DeformableEncoderLayer(PostNormLayer):
     """Multi-scale deformable self-attention over all levels' tokens, then FFN."""
 
     def __init__(self, d_model: int = 256, d_ffn: int = 1024, dropout: float = 0.0, n_levels: int = 4,
-                 n_heads: int = 8, n_points: int = 4):
+                 n_heads: int = 8, n_points: int = 4, activation: str = "relu"):
         super().__init__()
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
         self.norm1 = nn.LayerNorm(d_model)
-        self.add_ffn(d_model, d_ffn, "norm2")
+        self.add_ffn(d_model, d_ffn, "norm2", activation)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, src: torch.Tensor, pos: torch.Tensor, reference_points: torch.Tensor,
@@ -111,13 +117,14 @@ class DeformableDecoderLayer(PostNormLayer):
     ``self_attention`` and ``memory_attention`` are the two halves of ``forward``, so a subclass can put
     another sublayer between them (GroundingDINO's text cross-attention)."""
 
-    def __init__(self, d_model: int, d_ffn: int, dropout: float, n_levels: int, n_heads: int, n_points: int):
+    def __init__(self, d_model: int, d_ffn: int, dropout: float, n_levels: int, n_heads: int, n_points: int,
+                 activation: str = "relu"):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
         self.norm1 = nn.LayerNorm(d_model)
         self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
         self.norm2 = nn.LayerNorm(d_model)
-        self.add_ffn(d_model, d_ffn, "norm3")
+        self.add_ffn(d_model, d_ffn, "norm3", activation)
         self.dropout = nn.Dropout(dropout)
 
     def self_attention(self, tgt: torch.Tensor, query_pos: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:

@@ -17,12 +17,14 @@ channels. Denoising queries enter ``refine`` as extra leading queries with their
 * ``box_delta(i, hs)`` → unsigmoided box update (per-layer box heads override it);
 * ``layer_output(hs)`` → what ``predict`` gets from a layer (default ``hs``; MaskDINO's code passes the normed
   queries, which its heads norm again);
-* ``reference_delta(i, hs, delta)`` → the update of the next layer's reference boxes (default ``delta``; DINO's
-  and MaskDINO's code apply the box head to the un-normed queries there, ``MaskDINODecoder(official=True)``).
+* ``reference_delta(i, hs, delta)`` → the update of the next layer's reference boxes (default ``delta``; DINO's,
+  MaskDINO's and GroundingDINO's code apply the box head to the un-normed queries there,
+  ``MaskDINODecoder(official=True)``, GroundingDINO);
+* ``enc_box_head(tgt)`` → the box head of selected encoder tokens (default ``bbox_embed``).
 
 Two-stage selection: ``select_invalid`` (default False) lets tokens whose proposal lies outside the image
-compete (scored on zeroed memory, boxes +inf before the sigmoid), as DINO's code does; ``proposals_by_position``
-sizes each level's proposals by its position in the memory (DINO's code) instead of by its resolution.
+compete (scored on zeroed memory, boxes +inf before the sigmoid), as DINO's and GroundingDINO's code do
+(the parity of their checkpoints needs it); ``proposals_by_position`` sizes each level's proposals by its position in the memory (DINO's code) instead of by its resolution.
 """
 
 from __future__ import annotations
@@ -112,7 +114,10 @@ class BoxRefinementDecoder(nn.Module):
         idx = scores.topk(min(k, scores.shape[1]), dim=1).indices  # [B, K]
         tgt = gather_tokens(out_mem, idx)  # [B, K, D]
         # box head on the selected tokens only (same values as on all S tokens, then gathered)
-        return tgt, self.bbox_embed(tgt) + gather_tokens(props, idx), torch.gather(valid, 1, idx)
+        return tgt, self.enc_box_head(tgt) + gather_tokens(props, idx), torch.gather(valid, 1, idx)
+
+    def enc_box_head(self, tgt: torch.Tensor) -> torch.Tensor:
+        return self.bbox_embed(tgt)
 
     # ---- the refinement loop ----
 
@@ -148,7 +153,8 @@ class BoxRefinementDecoder(nn.Module):
             hs = self.run_layer(i, layer, hs, query_pos, ref_in, inputs, attn_mask)
             delta = self.box_delta(i, hs)
             box = (delta + inverse_sigmoid(prev)).sigmoid()  # look forward twice: grads reach the previous layer
-            local = (self.reference_delta(i, hs, delta) + inverse_sigmoid(ref_sig.detach())).sigmoid()
             preds.append(self.predict(self.layer_output(hs), box, inputs))
-            prev, ref_sig = local, local.detach()
+            if i + 1 < len(self.layers):  # the next layer's reference
+                local = (self.reference_delta(i, hs, delta) + inverse_sigmoid(ref_sig.detach())).sigmoid()
+                prev, ref_sig = local, local.detach()
         return preds

@@ -58,11 +58,13 @@ class DeformableEncoder(nn.Module):
         self.build_encoder(d_model, d_ffn, dropout, n_levels, n_heads, n_points, num_layers)
 
     def build_encoder(self, d_model: int, d_ffn: int, dropout: float, n_levels: int, n_heads: int,
-                      n_points: int, num_layers: int) -> None:
-        self.pe = PositionEmbeddingSine(d_model // 2, normalize=True)
+                      n_points: int, num_layers: int, pe_temperature: float = 10000,
+                      activation: str = "relu") -> None:
+        """``pe_temperature`` of the sine positions (GroundingDINO: 20); ``activation`` of the layers' FFNs."""
+        self.pe = PositionEmbeddingSine(d_model // 2, temperature=pe_temperature, normalize=True)
         self.level_embed = nn.Parameter(torch.empty(n_levels, d_model).normal_())
-        self.layers = nn.ModuleList(self.layer_cls(d_model, d_ffn, dropout, n_levels, n_heads, n_points)
-                                    for _ in range(num_layers))
+        self.layers = nn.ModuleList(self.layer_cls(d_model, d_ffn, dropout, n_levels, n_heads, n_points,
+                                                   activation=activation) for _ in range(num_layers))
 
     def flatten(self, srcs: list[torch.Tensor], masks: list[torch.Tensor],
                 pos_levels: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> FlatLevels:

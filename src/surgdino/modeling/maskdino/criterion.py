@@ -162,7 +162,8 @@ class SetCriterion(nn.Module):
     def __init__(self, *, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float],
                  num_points: int = 12544, oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75,
                  focal_alpha: float = 0.25, focal_gamma: float = 2.0, dn: str = "seg",
-                 deep_supervision: bool = True, box_loss: bool = True, batched_masks: bool = False):
+                 deep_supervision: bool = True, box_loss: bool = True, batched_masks: bool = False,
+                 interm_weight: float = 1.0, interm_box_loss: bool = True):
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher
@@ -176,6 +177,10 @@ class SetCriterion(nn.Module):
         self.deep_supervision = deep_supervision
         self.box_loss = box_loss
         self.batched_masks = batched_masks
+        if batched_masks and interm_weight != 1.0:
+            raise ValueError("interm_weight != 1 with batched_masks: the deferred _interm mask losses would not be scaled")
+        self.interm_weight = interm_weight  # multiplies the ``_interm`` losses (GroundingDINO's INTERM_LOSS_COEF)
+        self.interm_box_loss = interm_box_loss  # False: no box losses on the ``_interm`` outputs
 
     # ---- individual losses, each normalised by ``num`` ----
     def loss_labels(self, out: dict, targets: list[dict], indices: Indices, num: float) -> dict[str, torch.Tensor]:
@@ -319,8 +324,8 @@ class SetCriterion(nn.Module):
         ``labels [N]``, ``boxes [N, 4]`` (cxcywh normalised to the image), ``masks [N, H, W]`` (padded)."""
         device = outputs["pred_logits"].device
         # float masks once per step: every layer's matching and mask loss samples them (see sample_binary_masks)
-        targets = [dict(t, masks=t["masks"].float()) if not t["masks"].dtype.is_floating_point else t
-                   for t in targets]
+        targets = [dict(t, masks=t["masks"].float()) if "masks" in t and not t["masks"].dtype.is_floating_point
+                   else t for t in targets]
         num = num_boxes(targets, device)
         layers = list(outputs.get("aux_outputs", [])) if self.deep_supervision else []
         losses: dict[str, torch.Tensor | None] = {}
@@ -331,7 +336,12 @@ class SetCriterion(nn.Module):
             losses.update(self._layer(aux, targets, self.matcher(aux, targets), num, True, f"_{i}", pending))
         if "interm_outputs" in outputs:
             interm = outputs["interm_outputs"]
-            losses.update(self._layer(interm, targets, self.matcher(interm, targets), num, True, "_interm", pending))
+            interm_losses = self._layer(interm, targets, self.matcher(interm, targets), num, True, "_interm", pending)
+            if not self.interm_box_loss:
+                interm_losses = {k: v for k, v in interm_losses.items() if not k.startswith(("loss_bbox", "loss_giou"))}
+            if self.interm_weight != 1.0:
+                interm_losses = {k: v * self.interm_weight for k, v in interm_losses.items()}
+            losses.update(interm_losses)
         dn_outputs = outputs.get("dn_outputs")
         if dn_outputs:
             meta = outputs["dn_meta"]

@@ -6,6 +6,7 @@ group, even beyond the ``dn_num`` budget) instead of silently turning it off.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -45,9 +46,12 @@ def num_dn_groups(max_instances: int, dn_num: int) -> int:
 
 
 def prepare_for_dn(targets: list[dict], *, dn_num: int, noise_scale: float, label_noise_ratio: float,
-                   num_classes: int, label_enc: torch.nn.Embedding, num_queries: int) -> DNQueries | None:
+                   num_classes: int, label_enc: Callable[[torch.Tensor], torch.Tensor], num_queries: int,
+                   device: torch.device | None = None) -> DNQueries | None:
     """Build noised queries from ``targets`` (``labels [N]``, ``boxes [N, 4]`` normalised cxcywh).
 
+    ``label_enc`` maps (noised) labels ``[B, G*M]`` to content ``[B, G*M, D]``: an ``nn.Embedding`` (closed
+    set; its device is the default ``device``) or GroundingDINO's projected phrase features.
     Returns None when no image has instances or ``dn_num`` is 0.
     """
     counts = [int(t["labels"].numel()) for t in targets]
@@ -55,7 +59,7 @@ def prepare_for_dn(targets: list[dict], *, dn_num: int, noise_scale: float, labe
     if m == 0 or dn_num <= 0:
         return None
     g = num_dn_groups(m, dn_num)
-    device = label_enc.weight.device
+    device = label_enc.weight.device if device is None else device
     bsz = len(targets)
     labels = torch.zeros(bsz, m, dtype=torch.int64, device=device)
     boxes = torch.zeros(bsz, m, 4, device=device)
