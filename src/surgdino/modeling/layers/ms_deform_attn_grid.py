@@ -131,7 +131,8 @@ def ms_deform_attn_core_grid(
     [B, Q, nH, L, P] → [B, Q, nH*C]."""
     shapes = spatial_shapes_as_list(spatial_shapes)
     check_core_inputs(value, shapes, sampling_locations)
-    if torch.is_grad_enabled() and (value.requires_grad or sampling_locations.requires_grad
-                                    or attention_weights.requires_grad):
+    # under tracing the level sizes are graph values, which an autograd Function cannot hold: plain ops
+    if not torch.jit.is_tracing() and torch.is_grad_enabled() and (
+            value.requires_grad or sampling_locations.requires_grad or attention_weights.requires_grad):
         return _ReferenceFunction.apply(value, sampling_locations, attention_weights, shapes)
     return _forward(value, shapes, sampling_locations, attention_weights)
