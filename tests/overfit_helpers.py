@@ -28,9 +28,11 @@ class Trays:
 
 
 def make_trays(root: str, *, num_classes: int, seed: int = 0, size: int = 128, instances: tuple[int, int] = (3, 5),
-               num_train: int = 4) -> Trays:
+               num_train: int = 4, field_cm: float | None = None) -> Trays:
+    extra = {} if field_cm is None else {"field_cm": field_cm}
     paths = generate_synthetic_dataset(root, num_train=num_train, num_val=0, num_classes=num_classes, image_size=size,
-                                       seed=seed, instances_per_image=instances, progress=False, image_format="png")
+                                       seed=seed, instances_per_image=instances, progress=False, image_format="png",
+                                       **extra)
     records = load_coco_json(paths["train_json"], paths["train_dir"])
     with open(paths["train_json"]) as f:
         names = [c["name"] for c in sorted(json.load(f)["categories"], key=lambda c: c["id"])]
@@ -40,14 +42,18 @@ def make_trays(root: str, *, num_classes: int, seed: int = 0, size: int = 128, i
 
 
 def overfit(model: torch.nn.Module, inputs: list[dict], iters: int, *, lr: float, clip: float,
-            check: Callable[[dict], None] | None = None) -> tuple[float, float]:
+            check: Callable[[dict], None] | None = None, drop_at: int | None = None) -> tuple[float, float]:
     """``iters`` AdamW steps (no weight decay, gradient norm clipped to ``clip``) of the trainable parameters on
-    the same ``inputs``; ``check(losses)`` runs on every step's loss dict. Returns the first and last total loss."""
+    the same ``inputs``, the learning rate x 0.1 from step ``drop_at``; ``check(losses)`` runs on every step's loss
+    dict. Returns the first and last total loss."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
     first = last = None
-    for _ in range(iters):
+    for it in range(iters):
+        if it == drop_at:
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.1
         losses = model(inputs)
         if check is not None:
             check(losses)

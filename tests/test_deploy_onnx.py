@@ -243,18 +243,20 @@ def test_mask_boxes_export_with_an_uneven_last_chunk(tmp_path):
     decoder = build_model(load_config(DEMO, SHRINK)).decoder.eval()
 
     class Boxes(torch.nn.Module):
-        def forward(self, embeds, mask_features, feat_sizes):
+        def forward(self, embeds, mask_features, feat_sizes, fallback):
             inputs = SimpleNamespace(feat_sizes=feat_sizes, mask_features=mask_features)
-            return decoder.mask_boxes(embeds, inputs, chunk=16)
+            return decoder.mask_boxes(embeds, inputs, fallback, chunk=16)
 
     g = torch.Generator().manual_seed(0)
-    args = (torch.randn(1, 60, 8, generator=g), torch.randn(1, 8, 24, 20, generator=g), torch.tensor([[20.0, 17.0]]))
+    embeds = torch.randn(1, 60, 8, generator=g)
+    embeds[0, :5] = 0.0  # empty masks: these queries keep their fallback box
+    args = (embeds, torch.randn(1, 8, 24, 20, generator=g), torch.tensor([[20.0, 17.0]]), torch.randn(1, 60, 4, generator=g))
     path = str(tmp_path / "boxes.onnx")
     # the query count as the selection's TopK gives it: not a static shape of the graph
-    torch.onnx.export(Boxes(), args, path, dynamo=False, opset_version=18, input_names=["e", "m", "s"],
-                      dynamic_axes={"e": {1: "queries"}})
+    torch.onnx.export(Boxes(), args, path, dynamo=False, opset_version=18, input_names=["e", "m", "s", "f"],
+                      dynamic_axes={"e": {1: "queries"}, "f": {1: "queries"}})
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    got = session.run(None, dict(zip(["e", "m", "s"], (a.numpy() for a in args))))[0]
+    got = session.run(None, dict(zip(["e", "m", "s", "f"], (a.numpy() for a in args))))[0]
     assert np.abs(got - Boxes()(*args).numpy()).max() < 1e-5
 
 

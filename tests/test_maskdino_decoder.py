@@ -45,3 +45,23 @@ def test_decoder_train_and_eval():
     with torch.no_grad():
         out = dec(outs, masks, mf, sizes, (64, 96))
     assert "dn_outputs" not in out and out["pred_embeds"].shape == (2, 10, 32)
+
+
+def test_mask_boxes_keep_the_encoder_box_for_empty_masks():
+    """mask2box: a query whose predicted mask is empty keeps its fallback (encoder) box instead of the
+    (0, 0, 0, 0) of an empty mask, which would start it at the image's corner with no size."""
+    from surgdino.modeling.layers import inverse_sigmoid
+    from surgdino.modeling.layers.box_refine import DecoderInputs
+
+    dec = MaskDINODecoder(num_classes=3, hidden_dim=16, num_queries=2, nheads=2, dim_feedforward=16,
+                          dec_layers=1, mask_dim=1)
+    mf = -torch.ones(1, 1, 8, 16)  # [B, Dm, h, w]
+    mf[0, 0, 2:4, 4:12] = 1.0  # positive logits for a positive embedding: a box x 4..12, y 2..4
+    inputs = DecoderInputs(memory=torch.zeros(1, 1, 16), memory_mask=torch.zeros(1, 1, dtype=torch.bool),
+                           shapes=[(1, 1)], ratios=torch.ones(1, 1, 2), mask_features=mf,
+                           feat_sizes=torch.tensor([[8.0, 16.0]]))
+    embeds = torch.tensor([[[1.0], [0.0]]])  # query 0: that mask; query 1: logits 0 everywhere, an empty mask
+    fallback = inverse_sigmoid(torch.tensor([[[0.3, 0.6, 0.2, 0.1], [0.7, 0.4, 0.25, 0.5]]]))
+    boxes = dec.mask_boxes(embeds, inputs, fallback).sigmoid()
+    assert torch.allclose(boxes[0, 0], torch.tensor([0.5, 0.375, 0.5, 0.25]), atol=1e-4)  # cxcywh of the mask
+    assert torch.allclose(boxes[0, 1], fallback[0, 1].sigmoid(), atol=1e-6)

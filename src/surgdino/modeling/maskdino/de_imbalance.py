@@ -144,7 +144,7 @@ class DIMaskDINODecoder(MaskDINODecoder):
                   "mask_features": inputs.mask_features, "pred_boxes": ref_unsig[:, :n].sigmoid()}
         ref = ref_unsig.detach()
         if self.initialize_box_type != "no":
-            ref = self.mask_boxes(first["pred_embeds"].detach(), inputs)
+            ref = self.mask_boxes(first["pred_embeds"].detach(), inputs, ref)
         x = tgt.detach()
         if self.design == "official":
             x, ref, ti_outputs = official.token_interaction(self, x, ref, sel_valid, inputs, k)

@@ -98,19 +98,26 @@ class MaskDINODecoder(BoxRefinementDecoder):
 
     # ---- query selection ----
     @torch.no_grad()
-    def mask_boxes(self, embeds: torch.Tensor, inputs: DecoderInputs, chunk: int = 128) -> torch.Tensor:
+    def mask_boxes(self, embeds: torch.Tensor, inputs: DecoderInputs, fallback: torch.Tensor,
+                   chunk: int = 128) -> torch.Tensor:
         """Unsigmoided boxes ``[B, K, 4]`` of the masks ``embeds [B, K, Dm]`` · mask features predict,
-        normalised by the unpadded image, ``chunk`` queries at a time (bounded memory)."""
+        normalised by the unpadded image, ``chunk`` queries at a time (bounded memory). A query whose mask
+        is empty keeps its ``fallback`` box (``[B, K, 4]`` unsigmoided, the encoder's): an empty mask has no
+        box, and its (0, 0, 0, 0) would put the query at the image's corner with no size."""
         fs = inputs.feat_sizes
         scale = torch.stack([fs[:, 1], fs[:, 0]] * 2, -1)[:, None]  # [B, 1, 4]
-        out = []
+        out, nonempty = [], []
         detr_box = self.official and self.initialize_box_type == "mask2box"
         for i in range(0, embeds.shape[1], chunk):  # slices, not split(): its ONNX export rounds up the last chunk
             e = embeds[:, i:i + chunk]
             masks = torch.einsum("bqd,bdhw->bqhw", e, inputs.mask_features) > 0  # [B, q, h, w]
             boxes = detr_masks_to_boxes(masks) if detr_box else masks_to_boxes(masks)
             out.append(box_xyxy_to_cxcywh(boxes) / scale)
-        return inverse_sigmoid(torch.cat(out, 1).clamp(0, 1))
+            nonempty.append(masks.flatten(2).any(-1))  # [B, q]
+        boxes = inverse_sigmoid(torch.cat(out, 1).clamp(0, 1))
+        if self.official:  # the official code's boxes, empty masks included (checkpoint parity)
+            return boxes
+        return torch.where(torch.cat(nonempty, 1)[..., None], boxes, fallback.to(boxes.dtype))
 
     def select_queries(self, inputs: DecoderInputs) -> QuerySelection:
         """Two-stage selection: the ``num_queries`` best tokens; content and boxes detached."""
@@ -118,7 +125,7 @@ class MaskDINODecoder(BoxRefinementDecoder):
         interm = dict(self.heads(tgt, inputs.mask_features), pred_boxes=ref_unsig.sigmoid())
         ref = ref_unsig.detach()
         if self.initialize_box_type != "no":
-            ref = self.mask_boxes(interm["pred_embeds"], inputs)
+            ref = self.mask_boxes(interm["pred_embeds"], inputs, ref)
         return QuerySelection(tgt.detach(), ref, interm)
 
     # ---- forward ----
