@@ -302,3 +302,13 @@ def test_out_of_image_tokens_compete_in_the_official_selection(official):
         assert not valid.any() and torch.isinf(boxes).all()
     else:
         assert valid.all() and torch.isfinite(boxes).all()
+
+
+def test_official_weights_into_our_architecture_are_refused(fixture, tmp_path):
+    """Our architecture would load them without a shape error and compute wrongly: one clear error instead."""
+    state = official_random_state(_spec(fixture, "high2low_bitmask"))
+    model = _model("high2low_bitmask", ["MODEL.MaskDINO.ARCHITECTURE", "surgdino", "MODEL.SEM_SEG_HEAD.FEATURE_ORDER", ""])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="MODEL.MaskDINO.ARCHITECTURE official"):
+        _load_official(model, state, tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing half-loaded

@@ -142,12 +142,16 @@ def load_weights(model: nn.Module, path: str, *, prefer_ema: bool = True) -> dic
     if prefer_ema and isinstance(ema, dict) and isinstance(ema.get("model"), dict) and ema["model"]:
         logger.info("%s: loading its EMA weights ('ema', after %s updates), the weights evaluation used",
                     path, ema.get("updates", "?"))
-        state = _state_dict_of(ema)
+        source = ema
     else:
-        state = _state_dict_of(obj)
+        source = obj
+    state = _state_dict_of(source)
     if not state:
         raise CheckpointError(f"{path}: no model weights found (expected a state dict or a 'model' entry)")
     model = unwrap(model)
+    check = getattr(model, "check_weights_layout", None)  # a model may refuse a layout it would compute wrongly
+    if callable(check):
+        check(unwrap_state_dict(source), path)
     own = model.state_dict()
     ok: dict[str, torch.Tensor] = {}
     mismatched = []

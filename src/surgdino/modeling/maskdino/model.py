@@ -12,10 +12,14 @@ outputs; inside a padded batch its outputs differ from the official single-image
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
 
 from surgdino.config.keys.maskdino import is_official
+from surgdino.errors import CheckpointError
 from surgdino.modeling.backbone import build_backbone
 from surgdino.modeling.maskdino.criterion import SetCriterion
 from surgdino.modeling.maskdino.de_imbalance import DIMaskDINODecoder  # noqa: F401  (fills DECODER_REGISTRY)
@@ -23,6 +27,7 @@ from surgdino.modeling.maskdino.decoder import MaskDINODecoder  # noqa: F401  (f
 from surgdino.modeling.maskdino.di_official_keys import DIMASKDINO as _OFFICIAL_DI_MAP  # noqa: F401  (registers it)
 from surgdino.modeling.maskdino.matcher import HungarianMatcher
 from surgdino.modeling.maskdino.official_weights import MASKDINO as _OFFICIAL_MAP  # noqa: F401  (registers the converter)
+from surgdino.modeling.maskdino.official_weights import official_keymap
 from surgdino.modeling.maskdino.postprocess import InstancePostProcessor
 from surgdino.modeling.maskdino.preprocess import Preprocessor
 from surgdino.modeling.pixel_decoder import MaskDINOEncoder  # noqa: F401  (fills PIXEL_DECODER_REGISTRY)
@@ -49,6 +54,15 @@ class MaskDINO(nn.Module):
                                          max(size_divisibility, getattr(backbone, "size_divisibility", 0) or 0))
         self.loss_weight = loss_weight
         self.ignore_padding = ignore_padding
+
+    def check_weights_layout(self, state: Mapping[str, Any], path: str) -> None:
+        """Refuse an official MaskDINO / DI-MaskDINO state for a model of our architecture: it would load
+        without error and compute wrongly (other level orders, no input-projection biases)."""
+        if not self.ignore_padding and official_keymap(state) is not None:
+            raise CheckpointError(
+                f"{path}: an official MaskDINO/DI-MaskDINO checkpoint computes as intended only in the official "
+                "architecture; set MODEL.MaskDINO.ARCHITECTURE official (the surgdino architecture orders the "
+                "feature levels otherwise and has no input-projection biases)")
 
     @classmethod
     def from_config(cls, cfg) -> dict:
