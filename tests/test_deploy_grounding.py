@@ -1,5 +1,5 @@
 """ONNX export of a tiny GroundingDINO with its class names baked in as the prompt: onnxruntime = PyTorch
-on the raw outputs (1e-4; the same -inf logits beyond the prompt), the same detections through the shared
+on the raw outputs (1e-4; one logit per prompt token), the same detections through the shared
 box-threshold post-processing, class names and the token → class map in the metadata, the Predictor on
 both paths, and the one-line refusal of ``--dynamic``."""
 
@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_predict_prompt import CLASSES
+from test_predict_prompt import TINY as PREDICT_TINY
 
 from surgdino.config import load_config
 from surgdino.deploy.export import export_onnx, raw_difference
@@ -17,13 +19,7 @@ from surgdino.deploy.runtime import OnnxModel
 from surgdino.errors import SurgDinoError
 from surgdino.modeling import build_model
 
-TINY = ["MODEL.META_ARCHITECTURE", "GroundingDINO", "MODEL.DEVICE", "cpu", "MODEL.MASK_ON", "False",
-        "MODEL.BACKBONE.NAME", "convnext_atto", "MODEL.CONVNEXT.DROP_PATH_RATE", "0.0",
-        "MODEL.GDINO.TEXT_ENCODER.NAME", "minilm", "MODEL.GDINO.HIDDEN_DIM", "64", "MODEL.GDINO.NHEADS", "4",
-        "MODEL.GDINO.DIM_FEEDFORWARD", "128", "MODEL.GDINO.ENC_LAYERS", "1", "MODEL.GDINO.DEC_LAYERS", "2",
-        "MODEL.GDINO.NUM_QUERIES", "30", "MODEL.GDINO.NUM_FEATURE_LEVELS", "3", "MODEL.GDINO.FUSION_DROPPATH", "0.0",
-        "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "128"]
-CLASSES = ["Mayo scissors", "Allis forceps", "14.5 cm ruler"]
+TINY = PREDICT_TINY + ["INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "128"]  # later keys win
 
 
 @pytest.fixture(scope="module")
