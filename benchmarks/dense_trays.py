@@ -15,6 +15,13 @@ library's ``Trainer`` and, every ``--eval-period`` iterations, logs on the held-
     python benchmarks/dense_trays.py --threads 1 --iters 1200 --eval-period 200   # the README's curve
     python benchmarks/dense_trays.py --iters 20 --eval-period 10 --num-train 8 --num-val 2   # smoke run
     python benchmarks/dense_trays.py --work-dir W --iters 2400 --resume   # extend a run in W
+    python benchmarks/dense_trays.py --work-dir W --iters 8000 --resume --from-iter 1200   # a longer schedule
+
+``--resume`` continues from W's last checkpoint with the schedule of the new ``--iters`` (the learning rate
+drops at 86% of it). A run whose drop has already happened is extended from an earlier checkpoint with
+``--from-iter N``: its first N iterations are then exactly those of the longer schedule (same warmup, same
+data order), so the curve is that of one run of ``--iters``. Rows and CPU minutes continue from
+``W/rows.json``.
 
 Timings on a shared machine vary; process CPU time (``time.process_time``) counts the work done.
 """
@@ -59,9 +66,16 @@ def health(outputs: list[dict]) -> dict[str, float]:
 class HealthTrainer(Trainer):
     """The engine's trainer; each periodic evaluation also records the health figures in ``rows``."""
 
-    def __init__(self, cfg, *, resume: bool = False, rows: list[dict]):
-        self.rows, self.cpu0, self.cpu_eval, self.last_iter = rows, time.process_time(), 0.0, 0
+    def __init__(self, cfg, *, resume: bool = False, rows: list[dict], rows_path: str | None = None):
+        self.rows, self.rows_path, self.cpu_eval = rows, rows_path, 0.0
         super().__init__(cfg, resume=resume)
+        del self.rows[:]  # the rows of the iterations this run repeats are measured again
+        if resume and rows_path and os.path.isfile(rows_path):
+            with open(rows_path) as f:
+                self.rows += [r for r in json.load(f)["rows"] if r["iter"] <= self.start_iter]
+        self.last_iter = self.start_iter
+        self.cpu_before = self.rows[-1]["cpu_min"] if self.rows else 0.0  # CPU minutes of the resumed iterations
+        self.cpu0 = time.process_time()
 
     def test(self, cfg, model):  # type: ignore[override]
         c0 = time.process_time()
@@ -85,12 +99,17 @@ class HealthTrainer(Trainer):
         losses = self.trainer.storage.mean_since(self.last_iter)
         self.last_iter = done
         self.cpu_eval += time.process_time() - c0
-        row = {"iter": done, "cpu_min": (time.process_time() - self.cpu0 - self.cpu_eval) / 60,
+        row = {"iter": done, "cpu_min": self.cpu_before + (time.process_time() - self.cpu0 - self.cpu_eval) / 60,
                "loss_mask": losses.get("loss_mask", float("nan")), "loss_dice": losses.get("loss_dice", float("nan")),
                **health(outputs),
                "mask_AP50": float(results.get("segm", {}).get("AP50", float("nan"))),
                "box_AP50": float(results.get("bbox", {}).get("AP50", float("nan")))}
         self.rows.append(row)
+        if self.rows_path:
+            tmp = self.rows_path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"rows": self.rows}, f, indent=2)
+            os.replace(tmp, self.rows_path)
         print(_format(row), flush=True)
         return results
 
@@ -121,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--work-dir", default=None, help="where data and outputs go (default: a temporary folder)")
     p.add_argument("--resume", action="store_true", help="continue the run in --work-dir up to --iters")
+    p.add_argument("--from-iter", type=int, default=None, metavar="N",
+                   help="with --resume: continue from the run's checkpoint at iteration N (e.g. the last before its "
+                        "learning-rate drop) instead of its last one")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides, e.g. MODEL.MaskDINO.DN_NUM 60")
     args = p.parse_args(argv)
@@ -153,11 +175,20 @@ def main(argv: list[str] | None = None) -> int:
     cfg = merge_opts(cfg, args.opts)
     validate(cfg)
 
+    if args.from_iter is not None:
+        if not args.resume:
+            p.error("--from-iter needs --resume")
+        name = f"model_{args.from_iter:07d}.pth"
+        if not os.path.isfile(os.path.join(cfg.OUTPUT_DIR, name)):
+            p.error(f"--from-iter {args.from_iter}: no {name} in {cfg.OUTPUT_DIR}")
+        with open(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"), "w") as f:
+            f.write(name)
+
     rows: list[dict] = []
     default_setup(cfg, tag="train", save=not args.resume)
     register_datasets(cfg)
     print(HEADER, flush=True)
-    HealthTrainer(cfg, resume=args.resume, rows=rows).train()
+    HealthTrainer(cfg, resume=args.resume, rows=rows, rows_path=os.path.join(work, "rows.json")).train()
 
     print()
     print(f"dense trays: {args.num_train} train / {args.num_val} val, {args.size} px, {args.instances[0]}-"
