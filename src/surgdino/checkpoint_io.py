@@ -201,6 +201,13 @@ def as_tensor(v: Any) -> torch.Tensor | None:
     return None
 
 
+def shape_mismatches(state: Mapping[str, Any], own: Mapping[str, torch.Tensor]) -> list[tuple[str, tuple, tuple]]:
+    """``(name, shape in state, shape in own)`` for each tensor of ``state`` whose name ``own`` has with
+    another shape, in ``state``'s order (names only one side has are not mismatches)."""
+    return [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+            if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
+
+
 Converter = Callable[[dict[str, Any]], "dict[str, torch.Tensor] | None"]
 WEIGHT_CONVERTERS: list[Converter] = []
 

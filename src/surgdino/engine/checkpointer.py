@@ -32,6 +32,7 @@ from surgdino.checkpoint_io import (
     as_tensor,
     convert_weights,
     load_file,
+    shape_mismatches,
     unwrap_state_dict,
 )
 from surgdino.errors import CheckpointError
@@ -153,15 +154,10 @@ def load_weights(model: nn.Module, path: str, *, prefer_ema: bool = True) -> dic
     if callable(check):
         check(unwrap_state_dict(source), path)
     own = model.state_dict()
-    ok: dict[str, torch.Tensor] = {}
-    mismatched = []
-    for k, v in state.items():
-        if k not in own:
-            continue
-        if own[k].shape != v.shape:
-            mismatched.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}")
-            continue
-        ok[k] = v
+    wrong = shape_mismatches(state, own)
+    mismatched = [f"{k}: checkpoint {theirs} vs model {ours}" for k, theirs, ours in wrong]
+    skip = {k for k, _, _ in wrong}
+    ok: dict[str, torch.Tensor] = {k: v for k, v in state.items() if k in own and k not in skip}
     if not ok:
         raise CheckpointError(
             f"{path}: none of its {len(state)} tensors match the model's parameter names; "
@@ -347,8 +343,7 @@ class Checkpointer:
         """One clear error when the checkpoint's model does not match the configured one."""
         own = unwrap(self.model).state_dict()
         theirs = obj["model"]
-        mismatched = [f"{k} {tuple(v.shape)} in the checkpoint vs {tuple(own[k].shape)} in the model"
-                      for k, v in theirs.items() if k in own and hasattr(v, "shape") and v.shape != own[k].shape]
+        mismatched = [f"{k} {a} in the checkpoint vs {b} in the model" for k, a, b in shape_mismatches(theirs, own)]
         missing = sorted(set(own) - set(theirs))
         unexpected = sorted(set(theirs) - set(own))
         if not (mismatched or missing or unexpected):

@@ -20,7 +20,7 @@ from timm.models.convnext import ConvNeXt
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from surgdino.checkpoint_io import load_file, register_weight_converter, unwrap_state_dict
+from surgdino.checkpoint_io import load_file, register_weight_converter, shape_mismatches, unwrap_state_dict
 from surgdino.errors import CheckpointError, ConfigError
 from surgdino.log import get_logger
 from surgdino.modeling.backbone.base import Backbone, ShapeSpec
@@ -280,15 +280,12 @@ def load_convnext_weights(backbone: ConvNeXtBackbone,
         logger.info("%s: dropped %d keys not used by the backbone (e.g. %s)", source, len(dropped), dropped[:3])
     if not any(k.startswith("stem.") for k in converted):
         raise CheckpointError(f"{source}: has no ConvNeXt stem weights; is it a ConvNeXt checkpoint?")
-    own = backbone.state_dict()
-    for k, v in converted.items():
-        if k in own and own[k].shape != v.shape:
-            depths, dims = infer_convnext_arch(converted)
-            name = size_name(depths, dims)
-            hint = f"convnext_{name}" if name else f"convnext with MODEL.CONVNEXT.DEPTHS {depths} DIMS {dims}"
-            raise CheckpointError(
-                f"{source}: {k} has shape {tuple(v.shape)}, the backbone expects {tuple(own[k].shape)}; the checkpoint "
-                f"is ConvNeXt depths {depths} dims {dims}: set MODEL.BACKBONE.NAME {hint}")
+    for k, theirs, ours in shape_mismatches(converted, backbone.state_dict())[:1]:
+        depths, dims = infer_convnext_arch(converted)
+        name = size_name(depths, dims)
+        hint = f"convnext_{name}" if name else f"convnext with MODEL.CONVNEXT.DEPTHS {depths} DIMS {dims}"
+        raise CheckpointError(f"{source}: {k} has shape {theirs}, the backbone expects {ours}; the checkpoint "
+                              f"is ConvNeXt depths {depths} dims {dims}: set MODEL.BACKBONE.NAME {hint}")
     result = backbone.load_state_dict(converted, strict=False)
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     unbuilt = tuple(f"stages.{i}." for i in range(len(backbone.stages), 4))  # stages after the last output

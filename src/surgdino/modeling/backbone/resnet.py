@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from surgdino.checkpoint_io import register_weight_converter
+from surgdino.checkpoint_io import register_weight_converter, shape_mismatches
 from surgdino.errors import CheckpointError, ConfigError
 from surgdino.log import get_logger
 from surgdino.modeling.backbone.base import Backbone, ShapeSpec
@@ -285,12 +285,9 @@ def load_resnet_weights(backbone: ResNetBackbone, path_or_state_dict: str | Mapp
         raise CheckpointError(f"{source}: {e}") from None
     if dropped:
         logger.info("%s: dropped %d keys not used by the backbone (e.g. %s)", source, len(dropped), dropped[:3])
-    own = backbone.state_dict()
-    for k, v in converted.items():
-        if k in own and own[k].shape != v.shape:
-            raise CheckpointError(f"{source}: {k} has shape {tuple(v.shape)}, the backbone expects "
-                                  f"{tuple(own[k].shape)}; set MODEL.RESNETS.DEPTH / NUM_GROUPS / WIDTH_PER_GROUP "
-                                  "to the checkpoint's")
+    for k, theirs, ours in shape_mismatches(converted, backbone.state_dict())[:1]:
+        raise CheckpointError(f"{source}: {k} has shape {theirs}, the backbone expects {ours}; set "
+                              "MODEL.RESNETS.DEPTH / NUM_GROUPS / WIDTH_PER_GROUP to the checkpoint's")
     result = backbone.load_state_dict(converted, strict=False)
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     built = tuple(f"{n}." for n in ("stem", *backbone.output_shape(), *backbone._shapes))

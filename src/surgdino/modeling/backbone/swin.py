@@ -24,7 +24,7 @@ from torch import nn
 from transformers import SwinConfig
 from transformers.models.swin.modeling_swin import SwinBackbone as _HFSwinBackbone
 
-from surgdino.checkpoint_io import register_weight_converter, unwrap_state_dict
+from surgdino.checkpoint_io import register_weight_converter, shape_mismatches, unwrap_state_dict
 from surgdino.errors import CheckpointError, ConfigError
 from surgdino.log import get_logger
 from surgdino.modeling.backbone.base import Backbone, ShapeSpec
@@ -295,13 +295,11 @@ def load_swin_weights(backbone: SwinBackbone, path_or_state_dict: str | Mapping[
             raise CheckpointError(f"{source}: {e}") from None
     if dropped:
         logger.info("%s: dropped %d classification tensors (e.g. %s)", source, len(dropped), dropped[:3])
-    own = backbone.state_dict()
-    for k, v in converted.items():
-        if k in own and own[k].shape != v.shape:
-            key = ("MODEL.SWIN.WINDOW_SIZE / PRETRAIN_IMG_SIZE" if "relative_position" in k
-                   else "MODEL.SWIN.EMBED_DIM / DEPTHS / NUM_HEADS")
-            raise CheckpointError(f"{source}: {k} has shape {tuple(v.shape)}, the backbone expects "
-                                  f"{tuple(own[k].shape)}; set {key} to the checkpoint's")
+    for k, theirs, ours in shape_mismatches(converted, backbone.state_dict())[:1]:
+        key = ("MODEL.SWIN.WINDOW_SIZE / PRETRAIN_IMG_SIZE" if "relative_position" in k
+               else "MODEL.SWIN.EMBED_DIM / DEPTHS / NUM_HEADS")
+        raise CheckpointError(f"{source}: {k} has shape {theirs}, the backbone expects {ours}; set {key} "
+                              "to the checkpoint's")
     result = backbone.load_state_dict(converted, strict=False)
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if unexpected or [k for k in missing if "hidden_states_norms" not in k]:
