@@ -37,6 +37,7 @@ import time
 
 import torch
 
+from surgdino.engine.checkpointer import atomic_write
 from surgdino.engine.defaults import Trainer
 from surgdino.engine.inference import evaluate
 
@@ -69,7 +70,6 @@ class HealthTrainer(Trainer):
     def __init__(self, cfg, *, resume: bool = False, rows: list[dict], rows_path: str | None = None):
         self.rows, self.rows_path, self.cpu_eval = rows, rows_path, 0.0
         super().__init__(cfg, resume=resume)
-        del self.rows[:]  # the rows of the iterations this run repeats are measured again
         if resume and rows_path and os.path.isfile(rows_path):
             with open(rows_path) as f:
                 self.rows += [r for r in json.load(f)["rows"] if r["iter"] <= self.start_iter]
@@ -106,10 +106,7 @@ class HealthTrainer(Trainer):
                "box_AP50": float(results.get("bbox", {}).get("AP50", float("nan")))}
         self.rows.append(row)
         if self.rows_path:
-            tmp = self.rows_path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump({"rows": self.rows}, f, indent=2)
-            os.replace(tmp, self.rows_path)
+            atomic_write(self.rows_path, lambda f: json.dump({"rows": self.rows}, f, indent=2), mode="w")
         print(_format(row), flush=True)
         return results
 
@@ -181,8 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         name = f"model_{args.from_iter:07d}.pth"
         if not os.path.isfile(os.path.join(cfg.OUTPUT_DIR, name)):
             p.error(f"--from-iter {args.from_iter}: no {name} in {cfg.OUTPUT_DIR}")
-        with open(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"), "w") as f:
-            f.write(name)
+        atomic_write(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"), lambda f: f.write(name), mode="w")
 
     rows: list[dict] = []
     default_setup(cfg, tag="train", save=not args.resume)
